@@ -1,0 +1,249 @@
+"""Equivariant kernel bases: spherical harmonics of the edge direction times Clebsch–Gordan coefficients.
+
+For an input degree ``d_in`` and output degree ``d_out`` the basis of an edge is
+
+    B[e, m_in, f, m_out] = sum_m Y_J[e, m] * CG_J[m, m_in, m_out],   J = |d_in - d_out| + f,
+
+with ``Y_J`` e3nn's real spherical harmonics (``normalize=True``, ``normalization='integral'``) of
+``rel_pos = pos[dst] - pos[src]`` and ``CG_J = e3nn.o3.wigner_3j(J, d_in, d_out)``. All pairs of one edge set
+are produced by a single GEMM ``Y @ M`` with a constant, cached matrix ``M``.
+
+Layout: one contiguous block per input degree, ``[E, 2*d_in+1, W_in]`` with columns ordered by
+``(d_out, f, m_out)``; every pair is a strided view of its block. This gives both the per-pair bases and the
+per-input-degree concatenations that the fused convolution uses, without copies.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from e3nn import o3
+from torch import Tensor
+
+from .fiber import degree_to_dim
+
+__all__ = [
+    "Basis",
+    "get_basis",
+    "clebsch_gordan",
+    "spherical_harmonics",
+    "num_frequencies",
+    "safe_norm",
+]
+
+Pair = Tuple[int, int]
+
+
+def num_frequencies(d_in: int, d_out: int) -> int:
+    """Number of ``J`` values (radial frequencies) of the pair: ``2 * min(d_in, d_out) + 1``."""
+    return 2 * min(d_in, d_out) + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cg_float64(J: int, d_in: int, d_out: int) -> Tensor:
+    return o3.wigner_3j(J, d_in, d_out, dtype=torch.float64)
+
+
+def clebsch_gordan(J: int, d_in: int, d_out: int) -> Tensor:
+    """Clebsch–Gordan coefficients ``[2J+1, 2d_in+1, 2d_out+1]`` in float64 (computed once, cached).
+
+    These are e3nn's ``wigner_3j(J, d_in, d_out)`` as in e3nn >= 0.5. (e3nn 0.3.3 differs by a sign for
+    a few triples; :mod:`se3t.compat.nvidia` absorbs that sign into converted weights.)
+    """
+    if not abs(d_in - d_out) <= J <= d_in + d_out:
+        raise ValueError(f"J={J} violates the triangle rule for degrees ({d_in}, {d_out})")
+    return _cg_float64(J, d_in, d_out).clone()
+
+
+def safe_norm(vectors: Tensor, eps: float = 1e-20) -> Tuple[Tensor, Tensor]:
+    """Euclidean norm over the last axis with a finite gradient at zero.
+
+    Returns ``(norm [..., 1], is_zero [..., 1])``; zero-length vectors get norm 0 and zero gradient.
+    """
+    sq = vectors.pow(2).sum(-1, keepdim=True)
+    is_zero = sq <= eps
+    norm = torch.where(is_zero, torch.zeros_like(sq), sq.clamp_min(eps).sqrt())
+    return norm, is_zero
+
+
+def spherical_harmonics(rel_pos: Tensor, max_J: int) -> Tensor:
+    """Real spherical harmonics ``[E, (max_J+1)**2]`` of the edge directions, degrees ``0..max_J``.
+
+    Zero-length edges get ``Y_0`` and zeros for ``J > 0`` (the value of the homogeneous polynomials at 0),
+    with zero gradient, instead of NaN.
+    """
+    norm, is_zero = safe_norm(rel_pos)
+    unit_dir = rel_pos / torch.where(is_zero, torch.ones_like(norm), norm)
+    sh = o3.spherical_harmonics(list(range(max_J + 1)), unit_dir, normalize=False, normalization="integral")
+    if max_J > 0:
+        # Degrees J > 0 are homogeneous polynomials of the direction: 0 at the zero vector.
+        keep = torch.ones(sh.shape[-1], dtype=torch.bool, device=sh.device)
+        keep[1:] = False
+        sh = torch.where(is_zero & ~keep, torch.zeros_like(sh), sh)
+    return sh
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(max_degree: int) -> Tuple[Dict[Pair, Tuple[int, int, int]], Dict[int, int]]:
+    """Column offsets: pair -> (offset within its input block, F, 2d_out+1); d_in -> block width."""
+    offsets: Dict[Pair, Tuple[int, int, int]] = {}
+    widths: Dict[int, int] = {}
+    for d_in in range(max_degree + 1):
+        col = 0
+        for d_out in range(max_degree + 1):
+            F, K = num_frequencies(d_in, d_out), degree_to_dim(d_out)
+            offsets[(d_in, d_out)] = (col, F, K)
+            col += F * K
+        widths[d_in] = col
+    return offsets, widths
+
+
+@functools.lru_cache(maxsize=None)
+def _projection_float64(max_degree: int, d_in: int) -> Tensor:
+    """Constant ``M [(2*max_degree+1)**2, (2d_in+1) * W_in]`` with ``basis_block = Y @ M``."""
+    offsets, widths = _layout(max_degree)
+    L = degree_to_dim(d_in)
+    num_sh = (2 * max_degree + 1) ** 2
+    M = torch.zeros(num_sh, L, widths[d_in], dtype=torch.float64)
+    for d_out in range(max_degree + 1):
+        col, F, K = offsets[(d_in, d_out)]
+        for f, J in enumerate(range(abs(d_in - d_out), d_in + d_out + 1)):
+            cg = _cg_float64(J, d_in, d_out)  # [2J+1, L, K]
+            M[J * J:(J + 1) * (J + 1), :, col + f * K: col + (f + 1) * K] = cg
+    return M.reshape(num_sh, -1)
+
+
+_projection_cache: Dict[Tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _projection(max_degree: int, d_in: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = (max_degree, d_in, dtype, device)
+    if key not in _projection_cache:
+        _projection_cache[key] = _projection_float64(max_degree, d_in).to(device=device, dtype=dtype)
+    return _projection_cache[key]
+
+
+class Basis(Mapping):
+    """Kernel bases of one edge set: a read-only mapping ``(d_in, d_out) -> Tensor[E, 2d_in+1, F, 2d_out+1]``.
+
+    Internally one block per input degree (see the module docstring); :meth:`input_block` gives the block
+    that the fused convolution multiplies with, :meth:`pair_matrix` the ``[E, 2d_in+1, F*(2d_out+1)]`` view.
+    Build with :func:`get_basis`, from a plain dict with :meth:`from_pairs`, join per-molecule bases with
+    :meth:`cat`.
+    """
+
+    def __init__(self, blocks: Dict[int, Tensor], max_degree: int):
+        self.max_degree = max_degree
+        self.blocks = dict(blocks)
+        self._offsets, self._widths = _layout(max_degree)
+        for d_in, block in self.blocks.items():
+            expected = (degree_to_dim(d_in), self._widths[d_in])
+            if block.dim() != 3 or tuple(block.shape[1:]) != expected:
+                raise ValueError(f"basis block for d_in={d_in} must be [E, {expected[0]}, {expected[1]}], "
+                                 f"got {list(block.shape)}")
+
+    # Mapping interface --------------------------------------------------------------------------------------
+    def __getitem__(self, pair: Pair) -> Tensor:
+        d_in, d_out = pair
+        mat = self.pair_matrix(d_in, d_out)
+        _, F, K = self._offsets[(d_in, d_out)]
+        return mat.unflatten(-1, (F, K))
+
+    def __iter__(self) -> Iterator[Pair]:
+        return iter((d_in, d_out) for d_in in sorted(self.blocks) for d_out in range(self.max_degree + 1))
+
+    def __len__(self) -> int:
+        return len(self.blocks) * (self.max_degree + 1)
+
+    # Views used by the convolution ---------------------------------------------------------------------------
+    @property
+    def num_edges(self) -> int:
+        return next(iter(self.blocks.values())).shape[0]
+
+    def pair_matrix(self, d_in: int, d_out: int) -> Tensor:
+        """``[E, 2d_in+1, F*(2d_out+1)]`` (a strided view of the input block)."""
+        if d_in not in self.blocks or d_out > self.max_degree:
+            raise KeyError(f"basis has no pair ({d_in}, {d_out}); it was built for max_degree={self.max_degree}")
+        col, F, K = self._offsets[(d_in, d_out)]
+        return self.blocks[d_in][:, :, col: col + F * K]
+
+    def pair_slice(self, d_in: int, d_out: int) -> Tuple[int, int]:
+        """Column range of the pair inside :meth:`input_block` ``(d_in)``."""
+        col, F, K = self._offsets[(d_in, d_out)]
+        return col, col + F * K
+
+    def input_block(self, d_in: int) -> Tensor:
+        """``[E, 2d_in+1, W]``: the bases of ``d_in`` to every output degree, columns ``(d_out, f, m_out)``."""
+        return self.blocks[d_in]
+
+    # Construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pairs(cls, pairs: Mapping[Pair, Tensor], max_degree: Optional[int] = None) -> "Basis":
+        """From a plain dict ``{(d_in, d_out): [E, 2d_in+1, F, 2d_out+1]}`` (e.g. precomputed and collated)."""
+        if isinstance(pairs, Basis):
+            return pairs
+        if not pairs:
+            raise ValueError("basis dict is empty")
+        keys = [tuple(int(v) for v in (k.split(",") if isinstance(k, str) else k)) for k in pairs]
+        if max_degree is None:
+            max_degree = max(max(k) for k in keys)
+        by_key = {k: v for k, v in zip(keys, pairs.values())}
+        blocks = {}
+        for d_in in range(max_degree + 1):
+            parts = []
+            for d_out in range(max_degree + 1):
+                t = by_key.get((d_in, d_out))
+                if t is None:
+                    break
+                F, K = num_frequencies(d_in, d_out), degree_to_dim(d_out)
+                if t.dim() != 4 or tuple(t.shape[1:]) != (degree_to_dim(d_in), F, K):
+                    raise ValueError(f"basis[({d_in}, {d_out})] must be [E, {degree_to_dim(d_in)}, {F}, {K}], "
+                                     f"got {list(t.shape)}")
+                parts.append(t.reshape(t.shape[0], degree_to_dim(d_in), F * K))
+            else:
+                blocks[d_in] = torch.cat(parts, dim=-1)
+        return cls(blocks, max_degree)
+
+    @classmethod
+    def cat(cls, bases: Sequence["Basis"]) -> "Basis":
+        """Concatenate the bases of several edge sets along the edge axis (batching)."""
+        if not bases:
+            raise ValueError("cannot concatenate an empty list of bases")
+        max_degree = bases[0].max_degree
+        if any(b.max_degree != max_degree for b in bases):
+            raise ValueError("cannot concatenate bases of different max_degree")
+        return cls({d: torch.cat([b.blocks[d] for b in bases]) for d in bases[0].blocks}, max_degree)
+
+    def to(self, *args, **kwargs) -> "Basis":
+        return Basis({d: b.to(*args, **kwargs) for d, b in self.blocks.items()}, self.max_degree)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.blocks.values())
+
+    def __repr__(self) -> str:
+        return f"Basis(max_degree={self.max_degree}, num_edges={self.num_edges})"
+
+
+def get_basis(rel_pos: Tensor, max_degree: int, input_degrees: Optional[Sequence[int]] = None) -> Basis:
+    """Kernel bases of all degree pairs up to ``max_degree`` for the edge vectors ``rel_pos [E, 3]``.
+
+    Computed in the dtype of ``rel_pos`` (float32 under autocast); gradients flow to ``rel_pos`` when it
+    requires them (forces). ``input_degrees`` limits the input blocks computed (default: all).
+    """
+    if not isinstance(rel_pos, Tensor) or rel_pos.dim() != 2 or rel_pos.shape[-1] != 3:
+        raise ValueError(f"rel_pos must be a [E, 3] tensor, got {getattr(rel_pos, 'shape', type(rel_pos))}")
+    if not rel_pos.is_floating_point():
+        raise TypeError(f"rel_pos must be floating point, got {rel_pos.dtype}")
+    if max_degree < 0:
+        raise ValueError(f"max_degree must be >= 0, got {max_degree}")
+    with torch.autocast(device_type=rel_pos.device.type, enabled=False):
+        sh = spherical_harmonics(rel_pos, 2 * max_degree)
+        E = rel_pos.shape[0]
+        _, widths = _layout(max_degree)
+        blocks: Dict[int, Tensor] = {}
+        for d_in in (range(max_degree + 1) if input_degrees is None else sorted(set(input_degrees))):
+            M = _projection(max_degree, d_in, sh.dtype, sh.device)
+            blocks[d_in] = (sh @ M).view(E, degree_to_dim(d_in), widths[d_in])
+    return Basis(blocks, max_degree)

@@ -1,0 +1,226 @@
+"""ConvSE3: the tensor-field-network convolution with selectable radial parametrization and fusion level.
+
+Per edge and degree pair ``(d_in, d_out)``::
+
+    out[e, o, k] = sum_{i, f, l} R[e, o, i, f] * x[src[e], i, l] * B[e, l, f, k]
+
+executed as two batched matmuls, ``tmp = x @ B`` then ``out = R @ tmp``. Two independent choices:
+
+* ``radial`` - how many radial MLPs the conv owns (changes the parameters):
+  ``"conv"`` one shared MLP, ``"output_degree"`` one per output degree, ``"input_degree"`` one per input
+  degree, ``"pair"`` one per ``(d_in, d_out)``.
+* ``fuse_level`` - how the contractions are grouped (never changes the outputs beyond rounding):
+  ``NONE`` two matmuls per pair; ``PARTIAL`` one ``R @ tmp`` per output degree over all input degrees;
+  ``FULL`` additionally one ``x @ B`` per input degree over all output degrees. A level is "the most fusion
+  allowed": parts whose radial weights live in different MLPs are contracted separately.
+
+Layout of a radial MLP's output, per edge: for each of its output degrees (ascending), a row-major block
+``[C_out, K_in]`` where ``K_in`` runs over its input degrees (ascending), then input channels, then
+frequencies ``f``. So the weights of one output degree are a view ``[E, C_out, K_in]``, ready for one matmul.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..basis import Basis, num_frequencies
+from ..fiber import Features, Fiber, degree_to_dim
+from ..scatter import scatter_sum
+from .radial import RadialMLP
+
+__all__ = ["ConvSE3", "FuseLevel", "RADIAL_SHARING"]
+
+RADIAL_SHARING = ("conv", "output_degree", "input_degree", "pair")
+
+
+class FuseLevel(enum.IntEnum):
+    """The most fusion a layer may use when grouping its contractions (see :mod:`se3t.nn.conv`)."""
+
+    NONE = 0
+    PARTIAL = 1
+    FULL = 2
+
+    @classmethod
+    def coerce(cls, value: Union["FuseLevel", str, int]) -> "FuseLevel":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                raise ValueError(f"unknown fuse level {value!r}; choose one of {[m.name for m in cls]}") from None
+        return cls(value)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Where the radial weights of one output degree (restricted to some input degrees) live."""
+
+    group: int            # index of the radial MLP
+    offset: int           # first column in that MLP's output
+    d_out: int
+    d_ins: Tuple[int, ...]
+    k_in: int             # sum over d_ins of C_in * F
+    in_offsets: Tuple[int, ...]  # column of each d_in inside K_in
+
+
+class ConvSE3(nn.Module):
+    """Equivariant graph convolution from ``fiber_in`` node features to ``fiber_out``.
+
+    Args:
+        fiber_in, fiber_out: node fibers.
+        fiber_edge: edge features; degree 0 feeds the radial MLP (with the edge length appended), degrees > 0
+            are concatenated to the source node features of that degree.
+        pool: sum the messages into the destination nodes (``True``) or return per-edge outputs.
+        use_layer_norm: LayerNorm inside the radial MLPs.
+        self_interaction: add ``W_self[d] @ x[d]`` of the destination node for output degrees present in the input.
+        fuse_level: most fusion allowed (:class:`FuseLevel`).
+        low_memory: recompute the radial weights and contractions in backward (non-reentrant checkpointing).
+        radial: radial parametrization, one of :data:`RADIAL_SHARING`.
+        reference_parity: add the self-interaction on every edge before the sum, as NVIDIA's code does
+            (scaling it by the in-degree). Default: once per node, after the sum.
+        radial_hidden: width of the radial MLP's hidden layers (32 in the reference).
+
+    Shapes (forward): ``node_feats[d]: [N, C_in_d, 2d+1]``, ``edge_feats[0]: [E, C_e0, 1]`` and
+    ``edge_feats[d]: [E, C_ed, 2d+1]``, ``radial_in: [E, C_e0 + 1]`` (edge scalars with the length appended),
+    ``edge_index: [2, E]`` -> ``[N, C_out_d, 2d+1]`` per output degree (``[E, ...]`` when ``pool=False``).
+    """
+
+    def __init__(self, fiber_in: Fiber, fiber_out: Fiber, fiber_edge: Fiber = Fiber({}), pool: bool = True,
+                 use_layer_norm: bool = False, self_interaction: bool = False,
+                 fuse_level: Union[FuseLevel, str, int] = FuseLevel.FULL, low_memory: bool = False,
+                 radial: str = "conv", reference_parity: bool = False, radial_hidden: int = 32):
+        super().__init__()
+        if radial not in RADIAL_SHARING:
+            raise ValueError(f"radial must be one of {RADIAL_SHARING}, got {radial!r}")
+        if len(fiber_in) == 0 or len(fiber_out) == 0:
+            raise ValueError(f"ConvSE3 needs non-empty fibers, got fiber_in={fiber_in}, fiber_out={fiber_out}")
+        self.fiber_in, self.fiber_out, self.fiber_edge = fiber_in, fiber_out, fiber_edge
+        self.pool, self.self_interaction, self.low_memory = pool, self_interaction, low_memory
+        self.fuse_level = FuseLevel.coerce(fuse_level)
+        self.radial_sharing, self.reference_parity = radial, reference_parity
+        self.max_degree = max(fiber_in.max_degree, fiber_out.max_degree)
+        #: channels entering each input degree: node channels plus edge channels of that degree (d > 0)
+        self.in_channels = {d: c + (fiber_edge[d] if d > 0 else 0) for d, c in fiber_in}
+        self.edge_dim = fiber_edge[0] + 1
+
+        groups = self._group_pairs(radial)
+        self.radial = nn.ModuleList()
+        self._blocks: Dict[int, List[_Block]] = {d: [] for d in fiber_out.degrees}
+        for g, pairs in enumerate(groups):
+            offset = 0
+            for d_out in sorted({p[1] for p in pairs}):
+                d_ins = tuple(sorted(p[0] for p in pairs if p[1] == d_out))
+                widths = [self.in_channels[d] * num_frequencies(d, d_out) for d in d_ins]
+                in_offsets = tuple(sum(widths[:i]) for i in range(len(widths)))
+                block = _Block(g, offset, d_out, d_ins, sum(widths), in_offsets)
+                self._blocks[d_out].append(block)
+                offset += fiber_out[d_out] * block.k_in
+            self.radial.append(RadialMLP(self.edge_dim, offset, radial_hidden, use_layer_norm))
+
+        if self_interaction:
+            self.to_kernel_self = nn.ParameterDict({
+                str(d): nn.Parameter(torch.randn(c, fiber_in[d]) / math.sqrt(fiber_in[d]))
+                for d, c in fiber_out if d in fiber_in
+            })
+
+    def _group_pairs(self, radial: str) -> List[List[Tuple[int, int]]]:
+        d_ins, d_outs = self.fiber_in.degrees, self.fiber_out.degrees
+        pairs = [(di, do) for do in d_outs for di in d_ins]
+        if radial == "conv":
+            return [pairs]
+        if radial == "output_degree":
+            return [[p for p in pairs if p[1] == do] for do in d_outs]
+        if radial == "input_degree":
+            return [[p for p in pairs if p[0] == di] for di in d_ins]
+        return [[p] for p in pairs]
+
+    # ----------------------------------------------------------------------------------------------------------
+    def radial_weights(self, radial_out: Sequence[Tensor], block: _Block) -> Tensor:
+        """The block's radial weights as a view ``[E, C_out, K_in]``."""
+        c_out = self.fiber_out[block.d_out]
+        r = radial_out[block.group]
+        return r[:, block.offset: block.offset + c_out * block.k_in].view(r.shape[0], c_out, block.k_in)
+
+    def _source_features(self, node_feats: Features, edge_feats: Optional[Features], src: Tensor) -> Dict[int, Tensor]:
+        out = {}
+        for d in self.fiber_in.degrees:
+            x = node_feats[d].index_select(0, src)
+            if d > 0 and self.fiber_edge[d]:
+                x = torch.cat([x, edge_feats[d]], dim=1)
+            out[d] = x
+        return out
+
+    def _pair_tmp(self, x: Tensor, basis: Basis, d_in: int, d_out: int) -> Tensor:
+        """``x @ B`` for one pair: ``[E, C_in * F, 2d_out+1]``."""
+        E, C = x.shape[0], x.shape[1]
+        t = torch.bmm(x, basis.pair_matrix(d_in, d_out).to(x.dtype))
+        return t.view(E, C * num_frequencies(d_in, d_out), degree_to_dim(d_out))
+
+    def edge_messages(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
+                      src: Tensor, basis: Basis) -> Features:
+        """Per-edge outputs ``{d_out: [E, C_out, 2d_out+1]}`` (before self-interaction and pooling)."""
+        x = self._source_features(node_feats, edge_feats, src)
+        radial_out = [mlp(radial_in) for mlp in self.radial]
+        E = radial_in.shape[0]
+        level = self.fuse_level
+        full_tmp: Dict[int, Tensor] = {}
+        if level == FuseLevel.FULL:
+            # One x @ B per input degree, against the bases to all output degrees at once.
+            for d_in in self.fiber_in.degrees:
+                full_tmp[d_in] = torch.bmm(x[d_in], basis.input_block(d_in).to(x[d_in].dtype))
+
+        def tmp_of(d_in: int, d_out: int) -> Tensor:
+            if level == FuseLevel.FULL:
+                a, b = basis.pair_slice(d_in, d_out)
+                return full_tmp[d_in][:, :, a:b].reshape(E, -1, degree_to_dim(d_out))
+            return self._pair_tmp(x[d_in], basis, d_in, d_out)
+
+        out: Features = {}
+        for d_out in self.fiber_out.degrees:
+            acc: Optional[Tensor] = None
+            for block in self._blocks[d_out]:
+                R = self.radial_weights(radial_out, block)
+                if level == FuseLevel.NONE:
+                    parts = [(R[:, :, a: a + self.in_channels[d] * num_frequencies(d, d_out)], tmp_of(d, d_out))
+                             for d, a in zip(block.d_ins, block.in_offsets)]
+                elif len(block.d_ins) == 1:
+                    parts = [(R, tmp_of(block.d_ins[0], d_out))]
+                else:
+                    parts = [(R, torch.cat([tmp_of(d, d_out) for d in block.d_ins], dim=1))]
+                for r, t in parts:
+                    acc = torch.bmm(r, t) if acc is None else torch.baddbmm(acc, r, t)
+            out[d_out] = acc
+        return out
+
+    def forward(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
+                edge_index: Tensor, basis: Basis) -> Features:
+        src, dst = edge_index[0], edge_index[1]
+        if self.low_memory and torch.is_grad_enabled():
+            msgs = checkpoint(self.edge_messages, node_feats, edge_feats, radial_in, src, basis, use_reentrant=False)
+        else:
+            msgs = self.edge_messages(node_feats, edge_feats, radial_in, src, basis)
+        num_nodes = next(iter(node_feats.values())).shape[0]
+        out: Features = {}
+        for d_out, m in msgs.items():
+            has_self = self.self_interaction and str(d_out) in self.to_kernel_self
+            per_edge_self = has_self and (self.reference_parity or not self.pool)
+            if per_edge_self:
+                m = m + torch.matmul(self.to_kernel_self[str(d_out)], node_feats[d_out].index_select(0, dst))
+            if self.pool:
+                m = scatter_sum(m, dst, num_nodes, check=False)
+                if has_self and not per_edge_self:
+                    m = m + torch.matmul(self.to_kernel_self[str(d_out)], node_feats[d_out])
+            out[d_out] = m
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"fiber_in={self.fiber_in}, fiber_out={self.fiber_out}, fiber_edge={self.fiber_edge}, "
+                f"pool={self.pool}, radial={self.radial_sharing!r}, fuse_level={self.fuse_level.name}, "
+                f"self_interaction={self.self_interaction}, low_memory={self.low_memory}")

@@ -1,0 +1,39 @@
+"""LinearSE3: per-degree channel mixing (no mixing between degrees, no bias: equivariant)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..fiber import Features, Fiber
+from .._validate import check_features
+
+__all__ = ["LinearSE3"]
+
+
+class LinearSE3(nn.Module):
+    """``out[d] = W_d @ x[d]`` with ``W_d [C_out_d, C_in_d]``, initialised ``randn / sqrt(C_in_d)``.
+
+    Shapes: ``x[d]: [N, C_in_d, 2d+1] -> out[d]: [N, C_out_d, 2d+1]`` for each degree of ``fiber_out``
+    (which must be a subset of the degrees of ``fiber_in``).
+    """
+
+    def __init__(self, fiber_in: Fiber, fiber_out: Fiber):
+        super().__init__()
+        missing = [d for d in fiber_out.degrees if d not in fiber_in]
+        if missing:
+            raise ValueError(f"LinearSE3 cannot create degrees {missing}: fiber_out {fiber_out} needs every degree "
+                             f"in fiber_in {fiber_in}")
+        self.fiber_in, self.fiber_out = fiber_in, fiber_out
+        self.weights = nn.ParameterDict({
+            str(d): nn.Parameter(torch.randn(c_out, fiber_in[d]) / math.sqrt(fiber_in[d]))
+            for d, c_out in fiber_out
+        })
+
+    def forward(self, features: Features) -> Features:
+        check_features(features, self.fiber_in.restrict(self.fiber_out.degrees), None, "features")
+        return {d: torch.matmul(self.weights[str(d)], features[d]) for d in self.fiber_out.degrees}
+
+    def extra_repr(self) -> str:
+        return f"fiber_in={self.fiber_in}, fiber_out={self.fiber_out}"

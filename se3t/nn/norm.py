@@ -1,0 +1,52 @@
+"""NormSE3: an equivariant nonlinearity acting on the norms of the features only."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..fiber import Features, Fiber
+from .._validate import check_features
+
+__all__ = ["NormSE3"]
+
+
+class NormSE3(nn.Module):
+    """``out = x / |x| * ReLU(LayerNorm(|x|))`` per degree, norms over the ``2d+1`` components.
+
+    ``|x|`` is clamped at ``2**-24`` (smallest fp16 subnormal) so zero features stay finite. When every degree
+    has the same channel count the per-degree LayerNorms are computed as one GroupNorm (one group per degree,
+    same result, one kernel); otherwise one LayerNorm per degree. (The reference's non-uniform branch has a
+    bug that breaks equivariance; se3t does not reproduce it.)
+
+    Shapes: ``x[d]: [N, C_d, 2d+1] -> [N, C_d, 2d+1]``.
+    """
+
+    NORM_CLAMP = 2 ** -24
+
+    def __init__(self, fiber: Fiber, nonlinearity: Optional[nn.Module] = None):
+        super().__init__()
+        if len(fiber) == 0:
+            raise ValueError("NormSE3 needs a non-empty fiber")
+        self.fiber = fiber
+        self.nonlinearity = nonlinearity if nonlinearity is not None else nn.ReLU()
+        if fiber.uniform_channels:
+            self.group_norm = nn.GroupNorm(num_groups=len(fiber), num_channels=sum(fiber.channels))
+        else:
+            self.layer_norms = nn.ModuleDict({str(d): nn.LayerNorm(c) for d, c in fiber})
+
+    def forward(self, features: Features) -> Features:
+        check_features(features, self.fiber, None, "features")
+        degrees = self.fiber.degrees
+        norms = [features[d].norm(dim=-1, keepdim=True).clamp(min=self.NORM_CLAMP) for d in degrees]
+        if hasattr(self, "group_norm"):
+            fused = torch.cat(norms, dim=-2).squeeze(-1)  # [N, sum C]
+            new_norms = self.nonlinearity(self.group_norm(fused)).unsqueeze(-1).chunk(len(degrees), dim=-2)
+        else:
+            new_norms = [self.nonlinearity(self.layer_norms[str(d)](n.squeeze(-1))).unsqueeze(-1)
+                         for d, n in zip(degrees, norms)]
+        return {d: features[d] / n * nn_ for d, n, nn_ in zip(degrees, norms, new_norms)}
+
+    def extra_repr(self) -> str:
+        return f"fiber={self.fiber}"

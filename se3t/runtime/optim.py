@@ -1,0 +1,65 @@
+"""Optimisers (AdamW, SGD, LAMB) and the per-epoch cosine schedule of the reference."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Lamb", "build_optimizer", "build_scheduler"]
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020): Adam moments with decoupled weight decay and a per-tensor trust ratio.
+
+    The reference uses apex's FusedLAMB; this is the same update in plain torch (bias-corrected moments,
+    trust ratio ||w|| / ||update|| with 1 where either norm is zero).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"].item()
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_(update * trust, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "lamb":
+        return Lamb(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, lr: float, min_lr: float | None):
+    """Cosine decay from ``lr`` to ``min_lr`` (default ``lr / 10``) over the epochs, stepped once per epoch."""
+    eta_min = lr / 10 if min_lr is None else min_lr
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=eta_min)
+
+
