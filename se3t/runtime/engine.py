@@ -52,8 +52,8 @@ class StepTimer:
     """Per-step wall times for ``--benchmark``: throughput and latency percentiles after warm-up.
 
     As the reference measures it: a step's latency is the (device-synchronised) time between the ends of two
-    consecutive steps, data loading included. ``mark()`` is called once before the first step of a loop (it only
-    starts the clock) and after every step.
+    consecutive steps, data loading included. ``restart()`` is called before the first step of a loop (it only
+    starts the clock; time between loops, e.g. validation, is not counted) and ``mark()`` after every step.
     """
 
     device: torch.device
@@ -62,6 +62,10 @@ class StepTimer:
     seconds: list[float] = field(default_factory=list)
     _seen: int = 0
     _last: float | None = None
+
+    def restart(self) -> None:
+        self._last = None
+        self.mark(0)
 
     def mark(self, molecules: int) -> None:
         if self.device.type == "cuda":
@@ -111,7 +115,7 @@ def evaluate_mae(model, dataset, collate: Callable, *, batch_size: int, policy: 
         loader = progress_wrap(loader)
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     if timer is not None:
-        timer.mark(0)
+        timer.restart()
     for indices, batch in zip(batches, loader):
         batch = batch.to(dist.device)
         err = standardised_abs_error(model, batch, policy, target)

@@ -195,7 +195,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=dist.device)
         t_step = time.perf_counter()
         if self.timer is not None:
-            self.timer.mark(0)  # steps are timed end to end, data loading included (as the reference does)
+            self.timer.restart()  # steps are timed end to end, data loading included (as the reference does)
         for mb, batch in zip(micro, loader):
             batch = batch.to(dist.device)
             with sync_context(self.model, mb.last_of_step):

@@ -1,0 +1,1 @@
+"""Interoperability with other SE(3)-Transformer implementations."""
