@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -261,9 +262,12 @@ class Trainer:
                                loss=last_epoch_loss, seconds=epoch_time,
                                throughput_mol_s=stats.molecules / max(epoch_time, 1e-9),
                                lr=self.optimizer.param_groups[0]["lr"])
-            log.info(f"epoch {self.progress.epoch + 1}/{o.epochs}: train loss {last_epoch_loss:.4f} "
-                     f"(standardised L1), {stats.molecules / max(epoch_time, 1e-9):.1f} mol/s, {epoch_time:.1f} s")
-            self.scheduler.step()
+            if stats.molecules:
+                log.info(f"epoch {self.progress.epoch + 1}/{o.epochs}: train loss {last_epoch_loss:.4f} "
+                         f"(standardised L1), {stats.molecules / epoch_time:.1f} mol/s, {epoch_time:.1f} s")
+            with warnings.catch_warnings():  # after a resume at an epoch's end no optimizer.step() preceded it
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+                self.scheduler.step()
             self.progress.epoch += 1
             self.progress.step_in_epoch = 0
             finished = self.progress.epoch

@@ -1,0 +1,107 @@
+"""Training loop: exact mid-epoch resume, NaN guard, accumulation equals a bigger batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY, SyntheticMolecules, collate, target_of
+from se3t.runtime import (DistInfo, Precision, PrecisionPolicy, Trainer, TrainingDiverged, TrainOptions,
+                          build_model, load_checkpoint)
+
+FP32 = PrecisionPolicy(Precision.FP32, "cpu")
+
+
+class Crash(Exception):
+    pass
+
+
+def make_trainer(train, val=None, on_step_end=None, **options) -> Trainer:
+    torch.manual_seed(0)
+    opts = dict(epochs=2, batch_size=16, eval_interval=1, learning_rate=3e-3, weight_decay=0.01, seed=7,
+                show_progress=False)
+    opts.update(options)
+    return Trainer(build_model(TINY), train, val, collate, target=target_of(train), options=TrainOptions(**opts),
+                   policy=FP32, dist=DistInfo(), config={"model": TINY.to_dict()}, on_step_end=on_step_end)
+
+
+def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("crash_at, ckpt_steps", [(5, 3), (7, 4)])  # mid-epoch; at an epoch's last step
+def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, crash_at, ckpt_steps):
+    train, val = SyntheticMolecules(60), SyntheticMolecules(16, seed=1)  # 4 steps per epoch, last one short
+    full = make_trainer(train, val, epochs=3)
+    full.fit()
+
+    ckpt = tmp_path / "run.pt"
+
+    def crash(tr):
+        if tr.progress.global_step == crash_at:
+            raise Crash
+
+    first = make_trainer(train, val, epochs=3, save_ckpt_path=str(ckpt), ckpt_steps=ckpt_steps, on_step_end=crash)
+    with pytest.raises(Crash):
+        first.fit()
+    state = load_checkpoint(ckpt)
+    assert state["progress"]["global_step"] == ckpt_steps
+
+    torch.manual_seed(123)  # the resumed process starts from other RNG states and another initialisation
+    resumed = make_trainer(train, val, epochs=3, save_ckpt_path=str(ckpt))
+    resumed.resume(state, str(ckpt))
+    summary = resumed.fit()
+
+    assert summary["global_steps"] == full.progress.global_step == 12  # no step repeated, none skipped
+    assert resumed.loss_history == full.loss_history[ckpt_steps:]
+    a, b = params(full), params(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert load_checkpoint(ckpt)["progress"] == {"epoch": 3, "step_in_epoch": 0, "global_step": 12}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    train = SyntheticMolecules(64, nan_at=37)
+    ckpt = tmp_path / "run.pt"
+    trainer = make_trainer(train, save_ckpt_path=str(ckpt), ckpt_steps=1)
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "NaN/inf" in message and str(ckpt) in message and "left untouched" in message
+    state = load_checkpoint(ckpt)
+    assert state["progress"]["global_step"] == trainer.progress.global_step >= 0
+    for k, v in state["model"].items():
+        assert torch.isfinite(v).all(), k
+    # the refused update was not applied: the live weights equal the checkpoint's
+    for k, v in trainer.module.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+
+
+def test_nan_without_checkpoint_says_so():
+    trainer = make_trainer(SyntheticMolecules(32, nan_at=0))
+    with pytest.raises(TrainingDiverged, match="no checkpoint had been written"):
+        trainer.fit()
+
+
+def test_accumulation_equals_larger_batch():
+    """Two micro-batches of 8 accumulate to the gradient of one batch of 16 (and the same loss curve)."""
+    train = SyntheticMolecules(40)
+    grads = {}
+
+    def grab(name):
+        def hook(tr):
+            if tr.progress.global_step == 1:
+                grads[name] = {k: p.grad.clone() for k, p in tr.module.named_parameters() if p.grad is not None}
+        return hook
+
+    big = make_trainer(train, batch_size=16, epochs=1, on_step_end=grab("big"))
+    big.fit()
+    acc = make_trainer(train, batch_size=8, accumulate_grad_batches=2, epochs=1, on_step_end=grab("acc"))
+    acc.fit()
+    assert len(big.loss_history) == len(acc.loss_history) == 3
+    torch.testing.assert_close(torch.tensor(acc.loss_history), torch.tensor(big.loss_history), rtol=1e-5, atol=1e-6)
+    assert grads["big"].keys() == grads["acc"].keys() and grads["big"]
+    for k in grads["big"]:
+        torch.testing.assert_close(grads["acc"][k], grads["big"][k], rtol=1e-4, atol=1e-6)
+    for k, v in params(big).items():
+        torch.testing.assert_close(params(acc)[k], v, rtol=1e-4, atol=1e-5)
