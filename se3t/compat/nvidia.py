@@ -224,13 +224,11 @@ def _convert_conv(sd: Dict[str, Tensor], prefix: str, conv: ConvSE3, e3nn_versio
             used.add(key)
             if idx == str(len(mlp.net) - 1):  # last layer: permute rows, apply factors
                 W = sd[key]
-                if rows_t.numel() and int(rows_t.max()) >= W.shape[0]:
-                    raise CheckpointMismatchError(f"'{key}' has {W.shape[0]} rows, the configuration needs more "
-                                                  f"(> {int(rows_t.max())}): shape {list(W.shape)} does not match")
-                W = W[rows_t] * fac_t.to(W.dtype)[:, None]
-                if W.shape != param.shape or sd[key].shape[0] != rows_t.numel():
-                    raise CheckpointMismatchError(f"shape mismatch for '{key}': checkpoint {list(sd[key].shape)}, "
+                # The group's rows cover the reference module's rows exactly once when the config matches.
+                if W.dim() != 2 or W.shape[0] != rows_t.numel() or W.shape[1] != param.shape[1]:
+                    raise CheckpointMismatchError(f"shape mismatch for '{key}': checkpoint {list(W.shape)}, "
                                                   f"configuration expects [{rows_t.numel()}, {param.shape[1]}]")
+                W = W[rows_t] * fac_t.to(W.dtype)[:, None]
                 out[f"{p}radial.{g}.net.{name}"] = W
             else:
                 if sd[key].shape != param.shape:

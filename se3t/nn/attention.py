@@ -18,7 +18,8 @@ __all__ = ["AttentionBlockSE3"]
 
 def _to_heads(features: Features, fiber: Fiber, num_heads: int) -> Tensor:
     """``{d: [M, C_d, 2d+1]} -> [M, H, sum_d C_d/H * (2d+1)]``: head ``h`` takes channel chunk ``h`` of every degree."""
-    return torch.cat([features[d].reshape(features[d].shape[0], num_heads, -1) for d in fiber.degrees], dim=-1)
+    return torch.cat([features[d].reshape(features[d].shape[0], num_heads, c // num_heads * (2 * d + 1))
+                      for d, c in fiber], dim=-1)
 
 
 class AttentionBlockSE3(nn.Module):

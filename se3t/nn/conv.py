@@ -179,7 +179,8 @@ class ConvSE3(nn.Module):
         def tmp_of(d_in: int, d_out: int) -> Tensor:
             if level == FuseLevel.FULL:
                 a, b = basis.pair_slice(d_in, d_out)
-                return full_tmp[d_in][:, :, a:b].reshape(E, -1, degree_to_dim(d_out))
+                c = self.in_channels[d_in] * num_frequencies(d_in, d_out)
+                return full_tmp[d_in][:, :, a:b].reshape(E, c, degree_to_dim(d_out))
             return self._pair_tmp(x[d_in], basis, d_in, d_out)
 
         out: Features = {}

@@ -73,6 +73,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default=None, help="QM9 cache directory (default: se3t_data's own)")
     g.add_argument("--split_seed", type=int, default=0, help="seed of the random train/val/test split")
+    g.add_argument("--allow_partial_data", action=BOOL, default=False,
+                   help="accept a QM9 source with fewer than the 130,831 molecules (small test sets)")
 
 
 def _add_train(sub) -> argparse.ArgumentParser:

@@ -78,13 +78,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a directory, not a file")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} cannot be read as a PyTorch file (truncated, corrupt or not a "
+                        "checkpoint): it is not in torch.save's zip format")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "WeightsUnpickler" in ln]
+        why = f" ({lines[0].split('. Please')[0][:160]})" if lines else ""
         raise UserError(
-            f"checkpoint {path} holds objects that safe loading (weights_only=True) refuses to unpickle "
-            f"({first[:200]}). se3t never executes pickled code from a checkpoint; se3t checkpoints hold only "
+            f"checkpoint {path} holds objects that safe loading (weights_only=True) refuses to unpickle{why}. "
+            "se3t never executes pickled code from a checkpoint; se3t checkpoints hold only "
             "tensors and plain containers. If this is a checkpoint of NVIDIA's reference implementation, convert "
             "it with `se3t convert-nvidia`."
         ) from None

@@ -1,0 +1,28 @@
+"""Helpers for the core tests (random features and graphs, fixture location)."""
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+from se3t import Fiber
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def random_features(fiber: Fiber, rows: int, dtype=torch.float64):
+    return {d: torch.randn(rows, c, 2 * d + 1, dtype=dtype) for d, c in fiber}
+
+
+def random_graph(num_nodes: int = 12, p: float = 0.35, dtype=torch.float64, num_graphs: int = 1):
+    """Random directed graphs without self loops; returns (pos, edge_index, graph_index)."""
+    sizes = [num_nodes // num_graphs + (i < num_nodes % num_graphs) for i in range(num_graphs)]
+    pos = torch.randn(num_nodes, 3, dtype=dtype) * 1.5
+    edges, graph_index, start = [], [], 0
+    for g, n in enumerate(sizes):
+        adj = (torch.rand(n, n) < p) & ~torch.eye(n, dtype=torch.bool)
+        src, dst = adj.nonzero(as_tuple=True)
+        edges.append(torch.stack([src, dst]) + start)
+        graph_index += [g] * n
+        start += n
+    return pos, torch.cat(edges, dim=1), torch.tensor(graph_index)

@@ -1,0 +1,201 @@
+"""Each layer on its own: equivariance (float32 and float64), fast path == reference path, gradients."""
+import itertools
+
+import pytest
+import torch
+
+from se3t import AttentionBlockSE3, ConvSE3, Fiber, FuseLevel, LinearSE3, NormSE3, get_basis
+from se3t.basis import safe_norm
+from se3t.testing import assert_equivariant
+
+from core_helpers import random_features, random_graph
+
+FIBER_IN = Fiber({0: 3, 1: 2, 2: 2})
+FIBER_EDGE = Fiber({0: 2, 1: 1})
+
+
+def _edge_inputs(dtype, num_nodes=10):
+    pos, ei, _ = random_graph(num_nodes, dtype=dtype)
+    E = ei.shape[1]
+    return pos, ei, random_features(FIBER_IN, num_nodes, dtype), random_features(FIBER_EDGE, E, dtype)
+
+
+def _conv_fn(layer, ei, max_degree):
+    def fn(x, pos, e):
+        rel = pos[ei[1]] - pos[ei[0]]
+        scalars = [e[0].squeeze(-1)] if 0 in e else []
+        radial_in = torch.cat(scalars + [safe_norm(rel)[0]], -1)
+        return layer(x, e, radial_in, ei, get_basis(rel, max_degree))
+    return fn
+
+
+def test_linear_equivariance(dtype, tol):
+    layer = LinearSE3(FIBER_IN, Fiber({0: 4, 2: 3})).to(dtype)
+    pos, _, x, _ = _edge_inputs(dtype)
+    assert_equivariant(lambda a, p, e: layer(a), x, pos, tolerance=tol)
+    with pytest.raises(ValueError, match="degrees"):
+        LinearSE3(Fiber({0: 2}), Fiber({1: 2}))
+
+
+@pytest.mark.parametrize("fiber", [Fiber({0: 4, 1: 4, 2: 4}), Fiber({0: 4, 1: 8})], ids=["uniform", "nonuniform"])
+def test_norm_equivariance(fiber, dtype, tol):
+    layer = NormSE3(fiber).to(dtype)
+    pos = torch.randn(7, 3, dtype=dtype)
+    assert_equivariant(lambda a, p, e: layer(a), random_features(fiber, 7, dtype), pos, tolerance=tol)
+
+
+def test_norm_group_path_equals_layer_norm_path():
+    fiber = Fiber.create(3, 4)
+    fused = NormSE3(fiber).double()
+    with torch.no_grad():
+        fused.group_norm.weight.uniform_(0.5, 1.5)
+        fused.group_norm.bias.uniform_(-0.3, 0.3)
+    x = random_features(fiber, 9)
+    out = fused(x)
+    for i, d in enumerate(fiber.degrees):
+        ln = torch.nn.LayerNorm(4).double()
+        ln.weight.data, ln.bias.data = fused.group_norm.weight[4 * i:4 * i + 4], fused.group_norm.bias[4 * i:4 * i + 4]
+        n = x[d].norm(dim=-1)
+        expected = x[d] / n[..., None] * torch.relu(ln(n))[..., None]
+        assert torch.allclose(out[d], expected, atol=1e-12)
+
+
+def test_norm_zero_features_finite():
+    layer = NormSE3(Fiber({1: 3})).double()
+    x = {1: torch.zeros(2, 3, 3, dtype=torch.float64, requires_grad=True)}
+    out = layer(x)[1]
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x[1].grad).all()
+
+
+@pytest.mark.parametrize("radial", ["conv", "output_degree", "input_degree", "pair"])
+@pytest.mark.parametrize("pool", [True, False])
+def test_conv_equivariance(radial, pool, dtype, tol):
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 1, 3: 2}), FIBER_EDGE, pool=pool, self_interaction=True,
+                    radial=radial, use_layer_norm=True).to(dtype)
+    pos, ei, x, e = _edge_inputs(dtype)
+    assert_equivariant(_conv_fn(layer, ei, 3), x, pos, e, tolerance=tol)
+
+
+@pytest.mark.parametrize("radial", ["conv", "output_degree", "input_degree", "pair"])
+def test_conv_fuse_levels_agree_forward_and_backward(radial):
+    """Execution fusion never changes the function: outputs and all gradients agree to 1e-10 in float64."""
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 4}), FIBER_EDGE, self_interaction=True, radial=radial).double()
+    pos, ei, x, e = _edge_inputs(torch.float64)
+    pos.requires_grad_(True)
+    fn = _conv_fn(layer, ei, 2)
+    results = {}
+    for level in FuseLevel:
+        layer.fuse_level = level
+        out = fn(x, pos, e)
+        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(d), dtype=o.dtype)).sum()
+                   for d, o in out.items())
+        grads = torch.autograd.grad(loss, [pos] + list(layer.parameters()))
+        results[level] = (out, grads)
+    ref_out, ref_grads = results[FuseLevel.NONE]
+    for level in (FuseLevel.PARTIAL, FuseLevel.FULL):
+        out, grads = results[level]
+        for d in ref_out:
+            assert torch.allclose(out[d], ref_out[d], atol=1e-10, rtol=0)
+        for g, rg in zip(grads, ref_grads):
+            assert torch.allclose(g, rg, atol=1e-10, rtol=0)
+
+
+def test_conv_radial_parametrizations_are_reparametrizations():
+    """A shared radial MLP's weights, split per pair, give a per-pair conv with identical outputs."""
+    shared = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 3}), FIBER_EDGE, radial="conv").double()
+    pairwise = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 3}), FIBER_EDGE, radial="pair").double()
+    mlp = shared.radial[0]
+    for g, pm in enumerate(pairwise.radial):
+        block, = [b for d in pairwise.fiber_out.degrees for b in pairwise._blocks[d] if b.group == g]
+        sblock, = shared._blocks[block.d_out]
+        c_out = shared.fiber_out[block.d_out]
+        d_in = block.d_ins[0]
+        a = sblock.in_offsets[sblock.d_ins.index(d_in)]
+        rows = torch.arange(sblock.offset, sblock.offset + c_out * sblock.k_in).view(c_out, sblock.k_in)
+        rows = rows[:, a: a + block.k_in].reshape(-1)
+        pm.load_state_dict({**mlp.state_dict(), f"net.{len(mlp.net) - 1}.weight": mlp.last.weight[rows]})
+    pos, ei, x, e = _edge_inputs(torch.float64)
+    out_s = _conv_fn(shared, ei, 2)(x, pos, e)
+    out_p = _conv_fn(pairwise, ei, 2)(x, pos, e)
+    for d in out_s:
+        assert torch.allclose(out_s[d], out_p[d], atol=1e-12)
+
+
+def test_conv_self_interaction_reference_parity_scales_by_in_degree():
+    fin, fout = Fiber({0: 2, 1: 2}), Fiber({0: 3, 1: 1})
+    a = ConvSE3(fin, fout, self_interaction=True).double()
+    b = ConvSE3(fin, fout, self_interaction=True, reference_parity=True).double()
+    b.load_state_dict(a.state_dict())
+    no_si = ConvSE3(fin, fout).double()
+    no_si.load_state_dict({k: v for k, v in a.state_dict().items() if "kernel_self" not in k})
+    pos, ei, _ = random_graph(8)
+    x = random_features(fin, 8)
+    fa, fb, f0 = (_conv_fn(m, ei, 1)(x, pos, {}) for m in (a, b, no_si))
+    indeg = torch.bincount(ei[1], minlength=8).double()
+    for d in fout.degrees:
+        si = torch.matmul(a.to_kernel_self[str(d)], x[d])
+        assert torch.allclose(fa[d], f0[d] + si, atol=1e-12)
+        assert torch.allclose(fb[d], f0[d] + indeg[:, None, None] * si, atol=1e-12)
+
+
+def test_conv_low_memory_matches_and_every_parameter_gets_a_gradient():
+    fout = Fiber({0: 2, 1: 2})
+    normal = ConvSE3(FIBER_IN, fout, FIBER_EDGE, self_interaction=True).double()
+    low = ConvSE3(FIBER_IN, fout, FIBER_EDGE, self_interaction=True, low_memory=True).double()
+    low.load_state_dict(normal.state_dict())
+    pos, ei, x, e = _edge_inputs(torch.float64)
+    grads = []
+    for m in (normal, low):
+        out = _conv_fn(m, ei, 2)(x, pos, e)
+        loss = sum(o.pow(2).sum() for o in out.values())
+        grads.append(torch.autograd.grad(loss, list(m.parameters())))
+    for g0, g1 in zip(*grads):
+        assert torch.allclose(g0, g1, atol=1e-12)
+        assert g1.abs().sum() > 0
+
+
+def test_attention_equivariance(dtype, tol):
+    layer = AttentionBlockSE3(FIBER_IN, Fiber({0: 8, 1: 8, 2: 4}), FIBER_EDGE, num_heads=2, channels_div=2,
+                              use_layer_norm=True).to(dtype)
+    pos, ei, x, e = _edge_inputs(dtype)
+    assert_equivariant(_conv_fn(layer, ei, 2), x, pos, e, tolerance=tol)
+
+
+def test_attention_weights_are_a_softmax_over_incoming_edges():
+    """Against a direct per-node implementation of the attention formula (SPEC section 4)."""
+    fin, fout = Fiber({0: 4, 1: 4}), Fiber({0: 4, 1: 4})
+    layer = AttentionBlockSE3(fin, fout, num_heads=2, channels_div=2).double()
+    pos, ei, _ = random_graph(7, p=0.5)
+    x = random_features(fin, 7)
+    rel = pos[ei[1]] - pos[ei[0]]
+    basis = get_basis(rel, 1)
+    radial_in = safe_norm(rel)[0]
+    out = layer(x, {}, radial_in, ei, basis)
+    kv = layer.to_key_value(x, {}, radial_in, ei, basis)
+    q = layer.to_query(x)
+    for node in range(7):
+        edges = (ei[1] == node).nonzero().flatten()
+        z = {d: torch.zeros(2, 2 * d + 1, dtype=torch.float64) for d in (0, 1)}
+        if len(edges):
+            logits = torch.zeros(len(edges), 2, dtype=torch.float64)
+            for h in range(2):
+                for d in (0, 1):
+                    k = kv[d][edges, 2:][:, h:h + 1]       # key channels of head h (1 per head)
+                    qq = q[d][node, h:h + 1]
+                    logits[:, h] += (k * qq).sum((-1, -2))
+            alpha = torch.softmax(logits / (2 * 1 + 2 * 3) ** 0.5, dim=0)  # key fiber {0: 2, 1: 2}
+            for d in (0, 1):
+                v = kv[d][edges, :2]                        # value channels (2: one per head)
+                z[d] = (alpha[:, :, None] * v).sum(0)
+        for d in (0, 1):
+            skip = torch.cat([z[d], x[d][node]], 0)
+            assert torch.allclose(out[d][node], layer.project.weights[str(d)] @ skip, atol=1e-12)
+
+
+def test_conv_gradcheck_positions():
+    layer = ConvSE3(Fiber({0: 1, 1: 1}), Fiber({0: 1, 1: 1}), radial="pair", use_layer_norm=True).double()
+    pos, ei, _ = random_graph(5, p=0.6)
+    x = random_features(Fiber({0: 1, 1: 1}), 5)
+    fn = _conv_fn(layer, ei, 1)
+    assert torch.autograd.gradcheck(lambda p: fn(x, p, {})[1], (pos.requires_grad_(True),))
