@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
 import torch
 
 from se3t.runtime.build import ModelConfig, TargetInfo
@@ -79,16 +78,6 @@ def collate(samples) -> SimpleBatch:
     return SimpleBatch(torch.cat(node), torch.cat(edge), torch.cat(eidx, 1), torch.cat(pos), torch.cat(gidx),
                        n + 1, torch.tensor(ys + [1e6], dtype=torch.float32),
                        torch.tensor([True] * n + [False]))
-
-
-@pytest.fixture
-def synthetic():
-    return SyntheticMolecules
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def target_of(ds) -> TargetInfo:

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from conftest import TINY, SyntheticMolecules, collate, target_of
+from runtime_helpers import TINY, SyntheticMolecules, collate, target_of
 from se3t.runtime import (Precision, PrecisionPolicy, Trainer, TrainOptions, build_model, init_distributed)
 from se3t.runtime.distributed import shutdown_distributed
 

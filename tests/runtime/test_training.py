@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, SyntheticMolecules, collate, target_of
+from runtime_helpers import TINY, SyntheticMolecules, collate, target_of
 from se3t.runtime import (DistInfo, Precision, PrecisionPolicy, Trainer, TrainingDiverged, TrainOptions,
                           build_model, load_checkpoint)
 
