@@ -272,10 +272,9 @@ def collate(
     node_offset = torch.from_numpy(np.repeat(np.concatenate([[0], np.cumsum(n_nodes)[:-1]]), n_edges))
     pad_nodes = torch.arange(n_pad, dtype=torch.int64)
     k = torch.arange(e_pad, dtype=torch.int64)
-    edge_index = torch.cat(
-        [torch.cat([r.edge_index for r in records], dim=1) + node_offset, torch.stack([k % n_pad, (k + 1) % n_pad]) + n_real],
-        dim=1,
-    )
+    real_edges = torch.cat([r.edge_index for r in records], dim=1) + node_offset
+    pad_edges = torch.stack([k % n_pad, (k + 1) % n_pad]) + n_real
+    edge_index = torch.cat([real_edges, pad_edges], dim=1)
     pos_pad = torch.zeros(n_pad, 3)
     pos_pad[:, 0] = pad_nodes.float()
     graph_index = torch.cat(

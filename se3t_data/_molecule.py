@@ -14,11 +14,6 @@ __all__ = ["Molecule", "GRAPH_MODES", "build_graph", "node_features", "edge_feat
 GRAPH_MODES = ("bonds", "radius", "full")
 NUM_NODE_FEATURES = 6
 
-_Z_TO_SLOT = np.full(128, -1, dtype=np.int64)
-for _slot, _z in enumerate(ATOMIC_NUMBERS):
-    _Z_TO_SLOT[_z] = _slot
-
-
 @dataclass
 class Molecule:
     """One molecular graph. Shapes (n atoms, e directed edges):
@@ -61,28 +56,37 @@ def num_edge_features(graph: str) -> int:
     return 4 if graph == "bonds" else 5
 
 
+# lookup tables: row z of _NODE_TABLE is the feature row of element z; rows of unsupported elements are NaN
+_NODE_TABLE = np.full((128, NUM_NODE_FEATURES), np.nan, dtype=np.float32)
+for _slot, _z in enumerate(ATOMIC_NUMBERS):
+    _NODE_TABLE[_z] = 0.0
+    _NODE_TABLE[_z, _slot] = 1.0
+    _NODE_TABLE[_z, 5] = _z
+# row t of _EDGE_TABLE[width] is the feature row of bond type t (type 0 has no row in the 4-wide bonds mode)
+_EDGE_TABLE = {
+    4: np.concatenate([np.full((1, 4), np.nan, np.float32), np.eye(4, dtype=np.float32)]),
+    5: np.concatenate([np.eye(5, dtype=np.float32)[4:], np.eye(5, dtype=np.float32)[:4]]),
+}
+
+
 def node_features(z: np.ndarray) -> np.ndarray:
     """``[n, 6]`` float32: one-hot H, C, N, O, F and the atomic number Z (the reference's node input)."""
     z = np.asarray(z, dtype=np.int64)
-    slot = _Z_TO_SLOT[np.clip(z, 0, 127)]
-    if (slot < 0).any() or (z > 127).any():
-        raise ValueError(f"elements with atomic numbers {sorted(set(z[slot < 0].tolist()))} are not H, C, N, O, F")
-    x = np.zeros((len(z), NUM_NODE_FEATURES), dtype=np.float32)
-    x[np.arange(len(z)), slot] = 1.0
-    x[:, 5] = z
+    x = _NODE_TABLE[np.clip(z, 0, 127)]
+    if np.isnan(x[:, 5]).any() or (z > 127).any():
+        bad = sorted(set(z[np.isnan(x[:, 5]) | (z > 127)].tolist()))
+        raise ValueError(f"elements with atomic numbers {bad} are not H, C, N, O, F")
     return x
 
 
 def edge_features(bond_type: np.ndarray, graph: str) -> np.ndarray:
     """One-hot edge features: ``[e, 4]`` (bonds mode) or ``[e, 5]`` with a trailing "no bond" column."""
     bond_type = np.asarray(bond_type, dtype=np.int64)
-    width = num_edge_features(graph)
-    out = np.zeros((len(bond_type), width), dtype=np.float32)
-    col = bond_type - 1  # single..aromatic -> 0..3
-    col = np.where(bond_type == 0, width - 1 if width == 5 else -1, col)
-    if (col < 0).any():
+    if len(bond_type) and (bond_type.min() < 0 or bond_type.max() > 4):
+        raise ValueError(f"bond types must lie in 0..4, got {sorted(set(bond_type.tolist()))}")
+    out = _EDGE_TABLE[num_edge_features(graph)][bond_type]
+    if graph == "bonds" and (bond_type == 0).any():
         raise ValueError("bond type 0 ('no bond') only exists in the radius and full graph modes")
-    out[np.arange(len(bond_type)), col] = 1.0
     return out
 
 

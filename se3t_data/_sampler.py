@@ -50,8 +50,10 @@ class BucketSampler(torch.utils.data.Sampler):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_replicas is None or rank is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-            num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if dist else 1)
-            rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
+            if num_replicas is None:
+                num_replicas = torch.distributed.get_world_size() if dist else 1
+            if rank is None:
+                rank = torch.distributed.get_rank() if dist else 0
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.num_samples_total = len(dataset)

@@ -38,7 +38,9 @@ def test_from_ase_matches_the_qm9_records(small_qm9):
     _same_graph(single, small_qm9[30])
 
 
-@pytest.mark.parametrize("fmt, suffix, atol", [("xyz", "xyz", 1e-6), ("extxyz", "extxyz", 1e-6), ("proteindatabank", "pdb", 1e-3)])
+@pytest.mark.parametrize(
+    "fmt, suffix, atol", [("xyz", "xyz", 1e-6), ("extxyz", "extxyz", 1e-6), ("proteindatabank", "pdb", 1e-3)]
+)
 def test_read_files(tmp_path, small_qm9, fmt, suffix, atol):
     picks = [3, 60, 200]
     frames = [_atoms(small_qm9[i]) for i in picks]
