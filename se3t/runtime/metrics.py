@@ -24,12 +24,26 @@ def setup_console_logging(silent: bool = False, rank: int = 0) -> None:
     """Messages go to stderr as plain lines; ``--silent`` and non-zero ranks only show warnings and errors."""
     level = logging.WARNING if (silent or rank != 0) else logging.INFO
     log.setLevel(level)
-    if not any(getattr(h, "_se3t", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._se3t = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message (not the one at setup)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _jsonable(value: Any) -> Any:
