@@ -20,6 +20,7 @@ processes (e.g. several DDP ranks) at worst both write the same file. Its arrays
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -301,7 +302,30 @@ def load_or_build(
         arrays = read_cache(path)
         if arrays is not None:
             return arrays, path
-    arrays = build_arrays(src, num_workers=num_workers, progress=progress, expect_complete=expect_complete)
-    write_atomic(path, arrays)
+    with _lock(path.with_name(path.name + ".lock")):
+        # another process (e.g. a DDP rank) may have built it while we waited for the lock
+        if path.is_file() and not force:
+            arrays = read_cache(path)
+            if arrays is not None:
+                return arrays, path
+        arrays = build_arrays(src, num_workers=num_workers, progress=progress, expect_complete=expect_complete)
+        write_atomic(path, arrays)
     log.info("QM9 cache written to %s", path)
     return arrays, path
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive advisory lock (POSIX), so that concurrent processes preprocess once; a no-op elsewhere."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -180,7 +180,8 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fixture_qm9(tmp_path, force_reprocess=True)
     assert good.cache_file.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == [good.cache_file.name], "no temporary file may be left"
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+    assert left == [good.cache_file.name], "no temporary file may be left"
 
 
 def test_unreadable_cache_is_rebuilt(tmp_path, caplog):
@@ -197,3 +198,25 @@ def test_parallel_preprocessing_equals_serial(tmp_path, small_qm9):
     assert parallel.info["num_workers"] == 2
     for key in ("index", "z", "pos", "bonds", "bond_type", "bond_status", "targets"):
         np.testing.assert_array_equal(parallel._arrays[key], small_qm9._arrays[key], err_msg=key)
+
+
+def test_concurrent_processes_preprocess_once(tmp_path):
+    """Two processes (e.g. DDP ranks) asking for the same cache: one builds it, the other waits and reads it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys, json; sys.path.insert(0, sys.argv[2]);"
+        "from data_helpers import fixture_qm9;"
+        "ds = fixture_qm9(sys.argv[1]);"
+        "print(json.dumps([len(ds), ds.info['preprocess_seconds']]))"
+    )
+    here = str(Path(__file__).parent)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), here], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    results = [tuple(__import__("json").loads(o.strip().splitlines()[-1])) for o in outputs]
+    assert results[0] == results[1], "both read the same cache (same build time recorded)"
+    assert len(list(tmp_path.glob("*.npz"))) == 1
