@@ -21,10 +21,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   channels_div=2, pooling="max", norm=True, use_layer_norm=True, eval_interval=20,
                   train_subset=None, val_subset=None),
     # A small model on a QM9 subset: a meaningful homo validation MAE in a few minutes on 2 CPU cores.
-    "demo": dict(task="homo", batch_size=32, epochs=6, learning_rate=0.003, min_learning_rate=None,
-                 weight_decay=0.01, optimizer="adam", num_layers=2, num_degrees=2, num_channels=8, num_heads=2,
+    "demo": dict(task="homo", batch_size=32, epochs=4, learning_rate=0.003, min_learning_rate=None,
+                 weight_decay=0.01, optimizer="adam", num_layers=2, num_degrees=2, num_channels=16, num_heads=4,
                  channels_div=2, pooling="max", norm=True, use_layer_norm=True, eval_interval=1,
-                 train_subset=6000, val_subset=1000, num_workers=1),
+                 train_subset=4000, val_subset=1000, num_workers=0),
 }
 
 
