@@ -10,9 +10,11 @@ executed as two batched matmuls, ``tmp = x @ B`` then ``out = R @ tmp``. Two ind
   ``"conv"`` one shared MLP, ``"output_degree"`` one per output degree, ``"input_degree"`` one per input
   degree, ``"pair"`` one per ``(d_in, d_out)``.
 * ``fuse_level`` - how the contractions are grouped (never changes the outputs beyond rounding):
-  ``NONE`` two matmuls per pair; ``PARTIAL`` one ``R @ tmp`` per output degree over all input degrees;
-  ``FULL`` additionally one ``x @ B`` per input degree over all output degrees. A level is "the most fusion
-  allowed": parts whose radial weights live in different MLPs are contracted separately.
+  ``NONE`` two matmuls per pair (the reference path); ``PARTIAL`` one ``R @ tmp`` per output degree over all
+  input degrees; ``FULL`` one ``x @ B`` per input degree over all output degrees, and the radial MLP's last
+  layer fused into the contraction edge chunk by edge chunk, so the per-edge kernel weights ``R`` are never
+  stored (:mod:`se3t.nn.fused`). A level is "the most fusion allowed": parts whose radial weights live in
+  different MLPs are contracted separately.
 
 Layout of a radial MLP's output, per edge: for each of its output degrees (ascending), a row-major block
 ``[C_out, K_in]`` where ``K_in`` runs over its input degrees (ascending), then input channels, then
@@ -32,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from ..basis import Basis, num_frequencies
 from ..fiber import Features, Fiber, degree_to_dim
 from ..scatter import scatter_sum
+from .fused import DEFAULT_CHUNK, fused_radial_contraction
 from .radial import RadialMLP
 
 __all__ = ["ConvSE3", "FuseLevel", "RADIAL_SHARING"]
@@ -109,6 +112,8 @@ class ConvSE3(nn.Module):
         #: channels entering each input degree: node channels plus edge channels of that degree (d > 0)
         self.in_channels = {d: c + (fiber_edge[d] if d > 0 else 0) for d, c in fiber_in}
         self.edge_dim = fiber_edge[0] + 1
+        #: edges per chunk of the fused kernel (FuseLevel.FULL)
+        self.chunk_size = DEFAULT_CHUNK
 
         groups = self._group_pairs(radial)
         self.radial = nn.ModuleList()
@@ -167,7 +172,6 @@ class ConvSE3(nn.Module):
                       src: Tensor, basis: Basis) -> Features:
         """Per-edge outputs ``{d_out: [E, C_out, 2d_out+1]}`` (before self-interaction and pooling)."""
         x = self._source_features(node_feats, edge_feats, src)
-        radial_out = [mlp(radial_in) for mlp in self.radial]
         E = radial_in.shape[0]
         level = self.fuse_level
         full_tmp: Dict[int, Tensor] = {}
@@ -183,7 +187,24 @@ class ConvSE3(nn.Module):
                 return full_tmp[d_in][:, :, a:b].reshape(E, c, degree_to_dim(d_out))
             return self._pair_tmp(x[d_in], basis, d_in, d_out)
 
+        def block_tmp(block: _Block) -> Tensor:
+            if len(block.d_ins) == 1:
+                return tmp_of(block.d_ins[0], block.d_out)
+            return torch.cat([tmp_of(d, block.d_out) for d in block.d_ins], dim=1)
+
         out: Features = {}
+        if level == FuseLevel.FULL:
+            # Radial last layer fused into the contraction, edge chunk by edge chunk (see se3t.nn.fused).
+            for g, mlp in enumerate(self.radial):
+                blocks = [b for d in self.fiber_out.degrees for b in self._blocks[d] if b.group == g]
+                specs = [(b.offset, self.fiber_out[b.d_out], b.k_in) for b in blocks]
+                outs = fused_radial_contraction(mlp.hidden_features(radial_in), mlp.last.weight, specs,
+                                                [block_tmp(b) for b in blocks], self.chunk_size)
+                for b, o in zip(blocks, outs):
+                    out[b.d_out] = o if b.d_out not in out else out[b.d_out] + o
+            return out
+
+        radial_out = [mlp(radial_in) for mlp in self.radial]
         for d_out in self.fiber_out.degrees:
             acc: Optional[Tensor] = None
             for block in self._blocks[d_out]:
@@ -191,10 +212,8 @@ class ConvSE3(nn.Module):
                 if level == FuseLevel.NONE:
                     parts = [(R[:, :, a: a + self.in_channels[d] * num_frequencies(d, d_out)], tmp_of(d, d_out))
                              for d, a in zip(block.d_ins, block.in_offsets)]
-                elif len(block.d_ins) == 1:
-                    parts = [(R, tmp_of(block.d_ins[0], d_out))]
                 else:
-                    parts = [(R, torch.cat([tmp_of(d, d_out) for d in block.d_ins], dim=1))]
+                    parts = [(R, block_tmp(block))]
                 for r, t in parts:
                     acc = torch.bmm(r, t) if acc is None else torch.baddbmm(acc, r, t)
             out[d_out] = acc
