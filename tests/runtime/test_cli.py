@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +197,19 @@ def test_predict_bad_input_file(trained, tmp_path, capsys, content, message):
         path.write_text(content)
     code, _, err = run(capsys, "predict", "--load_ckpt_path", ckpt, path)
     assert code == 2 and message in err
+
+
+def test_torchrun_two_cpu_processes(trained, qm9_dir, tmp_path):
+    """The real multi-process path: torchrun -> env:// rendezvous -> Gloo -> one log and one checkpoint."""
+    logs, ckpt = tmp_path / "logs", tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "se3t",
+           "train", *TINY_FLAGS, "--device", "cpu", "--data_dir", str(qm9_dir), "--allow_partial_data",
+           "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--seed", "3", "--train_subset", "64",
+           "--val_subset", "16", "--save_ckpt_path", str(ckpt), "--log_dir", str(logs), "--silent"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((logs / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_steps"] == 4  # 64 molecules / (2 x 8)
+    assert done.stdout.count("summary: ") == 1  # only rank 0 reports
+    assert torch.load(ckpt, weights_only=True)["progress"]["global_step"] == 4
