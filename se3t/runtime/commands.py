@@ -165,6 +165,16 @@ def _load_converted(path: str):
         return None
     if not (isinstance(state, dict) and state.get("format") == "se3t" and "model_kwargs" in state):
         return None
+    kw = state["model_kwargs"]
+
+    def scalars(fiber) -> dict:
+        return {int(k): int(v) for k, v in dict(fiber or {}).items()}
+
+    if (state.get("model_class") != "SE3TransformerPooled" or scalars(kw.get("fiber_in")) != {0: 6}
+            or scalars(kw.get("fiber_edge")) != {0: 4} or int(kw.get("output_dim", 1)) != 1):
+        raise UserError(f"{path} holds a converted {state.get('model_class')} with fiber_in "
+                        f"{scalars(kw.get('fiber_in'))} and fiber_edge {scalars(kw.get('fiber_edge'))}; QM9 needs an "
+                        "SE3TransformerPooled with fiber_in {0: 6}, fiber_edge {0: 4} and one output")
     from se3t.compat import nvidia
 
     model = nvidia.build_model(state["model_class"], state["model_kwargs"])

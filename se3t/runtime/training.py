@@ -127,7 +127,7 @@ class Trainer:
         self.metrics.write("checkpoint", step=self.progress.global_step, path=str(path), **self.progress.to_dict())
 
     def resume(self, state: dict[str, Any], source: str) -> None:
-        """Continue from a checkpoint made by :meth:`state_dict` (model, optimizer, scheduler, scaler, RNG, position)."""
+        """Continue from a :meth:`state_dict` checkpoint: model, optimizer, scheduler, scaler, RNG, position."""
         load_model_state(self.module, state["model"], source)
         for key in ("optimizer", "scheduler", "progress", "rng"):
             if key not in state:
@@ -266,7 +266,8 @@ class Trainer:
                 log.info(f"epoch {self.progress.epoch + 1}/{o.epochs}: train loss {last_epoch_loss:.4f} "
                          f"(standardised L1), {stats.molecules / epoch_time:.1f} mol/s, {epoch_time:.1f} s")
             with warnings.catch_warnings():  # after a resume at an epoch's end no optimizer.step() preceded it
-                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step",
+                                        category=UserWarning)
                 self.scheduler.step()
             self.progress.epoch += 1
             self.progress.step_in_epoch = 0

@@ -105,6 +105,14 @@ def test_bad_checkpoints(tmp_path, capsys, content, message):
         assert "this must never run" not in out + err
 
 
+def test_converted_checkpoint_of_another_model(tmp_path, capsys):
+    path = tmp_path / "converted.pt"
+    torch.save({"format": "se3t", "model_class": "SE3Transformer", "state_dict": {},
+                "model_kwargs": {"fiber_in": {0: 5, 1: 2}, "fiber_edge": {0: 3}}}, path)
+    code, _, err = run(capsys, "evaluate", "--load_ckpt_path", path)
+    assert code == 2 and "QM9 needs an SE3TransformerPooled" in err
+
+
 def test_truncated_checkpoint(tmp_path, capsys):
     path = tmp_path / "ckpt.pt"
     torch.save({"format": "se3t-checkpoint", "version": 1, "w": torch.randn(1000)}, path)
