@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -104,15 +104,12 @@ def _loader(dataset, batches: Sequence[Sequence[int]], collate: Callable, num_wo
 
 @torch.no_grad()
 def evaluate_mae(model, dataset, collate: Callable, *, batch_size: int, policy: PrecisionPolicy, dist: DistInfo,
-                 target: TargetInfo, num_workers: int = 0, timer: StepTimer | None = None,
-                 progress_wrap: Callable[[Iterable], Iterable] | None = None) -> tuple[float, int]:
+                 target: TargetInfo, num_workers: int = 0, timer: StepTimer | None = None) -> tuple[float, int]:
     """Mean absolute error in the target's unit over ``dataset`` (all ranks' shares), and the molecule count."""
     was_training = model.training
     model.eval()
     batches = shard_batches(len(dataset), batch_size, dist)
     loader = _loader(dataset, batches, collate, num_workers, dist.device)
-    if progress_wrap is not None:
-        loader = progress_wrap(loader)
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     if timer is not None:
         timer.restart()

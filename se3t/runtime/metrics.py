@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = ["MetricsLogger", "progress", "setup_console_logging", "log"]
 
@@ -109,27 +109,24 @@ class MetricsLogger:
             self._tb = None
 
 
-def progress(iterable: Iterable, total: int | None, desc: str, enabled: bool, initial: int = 0):
-    """A tqdm bar (loss, mol/s and ETA) on a terminal; the bare iterable when quiet or not a TTY."""
+def progress(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm bar (loss, mol/s and ETA) on a terminal; a silent stand-in when quiet or not a TTY."""
     if not enabled or not sys.stderr.isatty():
-        return _Quiet(iterable)
+        return _Quiet()
     try:
         from tqdm import tqdm
     except ImportError:
-        return _Quiet(iterable)
-    return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False,
-                unit="step", file=sys.stderr)
+        return _Quiet()
+    return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False, unit="step",
+                file=sys.stderr)
 
 
 class _Quiet:
-    def __init__(self, iterable):
-        self._it = iterable
-
-    def __iter__(self):
-        return iter(self._it)
-
-    def set_postfix(self, *args, **kwargs):
+    def update(self, n: int = 1) -> None:
         pass
 
-    def close(self):
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
         pass

@@ -189,9 +189,8 @@ class Trainer:
         start = self.progress.step_in_epoch
         micro = list(plan.micro_batches(start))
         loader = _loader(self.train_set, [m.indices for m in micro], self.collate, o.num_workers, dist.device)
-        bar = progress(range(len(plan)), total=len(plan), initial=start, enabled=o.show_progress and dist.is_main,
+        bar = progress(len(plan), initial=start, enabled=o.show_progress and dist.is_main,
                        desc=f"epoch {self.progress.epoch + 1}/{o.epochs}")
-        bar_iter = iter(bar)
         self.model.train()
         loss_sum = torch.zeros((), device=dist.device)
         t_step = time.perf_counter()
@@ -222,8 +221,8 @@ class Trainer:
             now = time.perf_counter()
             rate = mb.step_molecules / max(now - t_step, 1e-9)
             t_step = now
-            next(bar_iter, None)
-            bar.set_postfix(loss=f"{loss:.4f}", mol_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", mol_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
             self.metrics.write("train_step", step=self.progress.global_step, epoch=self.progress.epoch,
                                loss=loss, lr=self.optimizer.param_groups[0]["lr"], molecules=mb.step_molecules)
             if o.ckpt_steps and self.progress.global_step % o.ckpt_steps == 0:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 import torch
 
@@ -105,3 +108,17 @@ def test_accumulation_equals_larger_batch():
         torch.testing.assert_close(grads["acc"][k], grads["big"][k], rtol=1e-4, atol=1e-6)
     for k, v in params(big).items():
         torch.testing.assert_close(params(acc)[k], v, rtol=1e-4, atol=1e-5)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tty, show", [(True, True), (True, False), (False, True)])
+def test_progress_bar_only_on_a_terminal(monkeypatch, tty, show):
+    stream = FakeTerminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    make_trainer(SyntheticMolecules(32), epochs=1, show_progress=show).fit()
+    text = stream.getvalue()
+    assert ("mol_s=" in text and "loss=" in text and "epoch 1/1" in text) == (tty and show), text
