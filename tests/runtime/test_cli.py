@@ -172,6 +172,15 @@ def test_evaluate_reports_test_mae(trained, qm9_dir, capsys):
     assert summary["benchmark"]["mode"] == "inference"
 
 
+def test_precompute_bases_and_bf16(qm9_dir, tmp_path, capsys):
+    code, out, err = run(capsys, "train", *TINY_FLAGS, "--data_dir", qm9_dir, "--allow_partial_data", "--epochs", "1",
+                         "--batch_size", "8", "--train_subset", "24", "--val_subset", "8", "--num_workers", "1",
+                         "--precompute_bases", "--amp", "--device", "cpu", "--seed", "0", "--silent")
+    assert code == 0, err
+    summary = json.loads(out.split("summary: ", 1)[1])
+    assert summary["precision"] == "bf16" and summary["global_steps"] == 3 and summary["validation_mae"] > 0
+
+
 def test_resume_with_other_model_flags_is_refused(trained, qm9_dir, capsys):
     ckpt, _ = trained
     code, _, err = run(capsys, "train", "--num_layers", "2", "--num_degrees", "2", "--num_channels", "4",
