@@ -20,6 +20,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def qm9_dir(tmp_path_factory) -> Path:
     """A data directory holding the ~300-molecule QM9 fixture archive (the cache is built there once)."""
+    pytest.importorskip("rdkit", reason="preprocessing QM9 perceives bonds with RDKit (pip install 'se3t[data]')")
     src = FIXTURES / ARCHIVE
     if not src.exists():
         pytest.fail(f"the QM9 fixture {src} is missing (tests/data/fixtures/make_fixtures.py makes it)")

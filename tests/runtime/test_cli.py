@@ -147,6 +147,7 @@ def trained(qm9_dir, tmp_path_factory):
     return ckpt, logs
 
 
+@pytest.mark.rdkit
 def test_train_writes_metrics_summary_and_checkpoint(trained):
     ckpt, logs = trained
     records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
@@ -160,6 +161,7 @@ def test_train_writes_metrics_summary_and_checkpoint(trained):
     assert state["progress"]["epoch"] == 2 and state["config"]["target"]["name"] == "homo"
 
 
+@pytest.mark.rdkit
 def test_evaluate_reports_test_mae(trained, qm9_dir, capsys):
     ckpt, _ = trained
     code, out, err = run(capsys, "evaluate", "--load_ckpt_path", ckpt, "--data_dir", qm9_dir,
@@ -172,6 +174,7 @@ def test_evaluate_reports_test_mae(trained, qm9_dir, capsys):
     assert summary["benchmark"]["mode"] == "inference"
 
 
+@pytest.mark.rdkit
 def test_precompute_bases_and_bf16(qm9_dir, tmp_path, capsys):
     code, out, err = run(capsys, "train", *TINY_FLAGS, "--data_dir", qm9_dir, "--allow_partial_data", "--epochs", "1",
                          "--batch_size", "8", "--train_subset", "24", "--val_subset", "8", "--num_workers", "1",
@@ -181,6 +184,7 @@ def test_precompute_bases_and_bf16(qm9_dir, tmp_path, capsys):
     assert summary["precision"] == "bf16" and summary["global_steps"] == 3 and summary["validation_mae"] > 0
 
 
+@pytest.mark.rdkit
 def test_resume_with_other_model_flags_is_refused(trained, qm9_dir, capsys):
     ckpt, _ = trained
     code, _, err = run(capsys, "train", "--num_layers", "2", "--num_degrees", "2", "--num_channels", "4",
@@ -188,6 +192,7 @@ def test_resume_with_other_model_flags_is_refused(trained, qm9_dir, capsys):
     assert code == 2 and "num_layers: checkpoint 1, command line 2" in err
 
 
+@pytest.mark.rdkit
 def test_predict_writes_csv(trained, tmp_path, capsys):
     import ase
     import ase.io
@@ -206,6 +211,7 @@ def test_predict_writes_csv(trained, tmp_path, capsys):
     assert all(abs(float(r["homo_eV"])) < 100 for r in rows)
 
 
+@pytest.mark.rdkit
 @pytest.mark.parametrize("content, message", [(None, "no such file"), ("garbage\n!!\n", "mols.xyz")])
 def test_predict_bad_input_file(trained, tmp_path, capsys, content, message):
     ckpt, _ = trained
@@ -216,6 +222,7 @@ def test_predict_bad_input_file(trained, tmp_path, capsys, content, message):
     assert code == 2 and message in err
 
 
+@pytest.mark.rdkit
 def test_torchrun_two_cpu_processes(trained, qm9_dir, tmp_path):
     """The real multi-process path: torchrun -> env:// rendezvous -> Gloo -> one log and one checkpoint."""
     logs, ckpt = tmp_path / "logs", tmp_path / "ddp.pt"

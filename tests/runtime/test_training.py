@@ -117,6 +117,7 @@ class FakeTerminal(io.StringIO):
 
 @pytest.mark.parametrize("tty, show", [(True, True), (True, False), (False, True)])
 def test_progress_bar_only_on_a_terminal(monkeypatch, tty, show):
+    pytest.importorskip("tqdm")
     stream = FakeTerminal() if tty else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     make_trainer(SyntheticMolecules(32), epochs=1, show_progress=show).fit()
