@@ -129,12 +129,10 @@ def _train(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
                  f"(global step {p.global_step})")
     try:
         summary = _oom_guard(trainer.fit)
+        summary["parameters"] = n_params
+        metrics.write_summary(summary)
     finally:
         metrics.close()
-    summary["parameters"] = n_params
-    metrics = MetricsLogger(args.log_dir, enabled=dist.is_main)
-    metrics.write_summary(summary)
-    metrics.close()
     if summary.get("validation_mae") is not None:
         log.info(f"validation MAE ({args.task}): {target.describe_mae(summary['validation_mae'])}")
     _print_summary("summary", summary, dist)

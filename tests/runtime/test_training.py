@@ -123,3 +123,21 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, tty, show):
     make_trainer(SyntheticMolecules(32), epochs=1, show_progress=show).fit()
     text = stream.getvalue()
     assert ("mol_s=" in text and "loss=" in text and "epoch 1/1" in text) == (tty and show), text
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "lamb"])
+def test_optimizers_and_gradient_clip(optimizer):
+    norms = []
+
+    def grad_norm(tr):
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in tr.module.parameters()
+                                                           if p.grad is not None])).item())
+
+    trainer = make_trainer(SyntheticMolecules(32), epochs=2, optimizer=optimizer, gradient_clip=0.01,
+                           on_step_end=grad_norm)
+    before = params(trainer)
+    trainer.fit()
+    assert len(norms) == 4 and max(norms) <= 0.01 * (1 + 1e-4)
+    assert any(not torch.equal(before[k], v) for k, v in params(trainer).items())
+    # cosine decay per epoch down to lr / 10
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
