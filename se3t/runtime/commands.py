@@ -96,7 +96,7 @@ def _train(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
     train = take_subset(train, args.train_subset, "--train_subset")
     val = take_subset(val, args.val_subset, "--val_subset")
     target = target_info(ds) if resume_state is None else TargetInfo.from_dict(resume_state["config"]["target"])
-    collate = make_collate(train, args.batch_size, seed=args.split_seed,
+    collate = make_collate([train, val], args.batch_size, seed=args.split_seed,
                            basis_max_degree=args.num_degrees - 1 if args.precompute_bases else None)
 
     torch.manual_seed(seed)

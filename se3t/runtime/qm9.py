@@ -48,7 +48,13 @@ def take_subset(part, n: int | None, what: str):
 
 
 def make_collate(fit_on, batch_size: int, *, basis_max_degree: int | None = None, seed: int = 0) -> Any:
-    """A picklable collate padding to a few bucket capacities fitted on ``fit_on`` (static shapes)."""
+    """A picklable collate padding to a few bucket capacities fitted on ``fit_on`` (one data set or several:
+    fit on every set the collate will see, so that its largest molecules fit too)."""
+    import numpy as np
+
     sd = _se3t_data()
-    buckets = sd.Buckets.fit(fit_on.num_nodes, fit_on.num_edges, batch_size, seed=seed, num_batches=500)
+    parts = fit_on if isinstance(fit_on, (list, tuple)) else [fit_on]
+    nodes = np.concatenate([np.asarray(p.num_nodes) for p in parts])
+    edges = np.concatenate([np.asarray(p.num_edges) for p in parts])
+    buckets = sd.Buckets.fit(nodes, edges, batch_size, seed=seed, num_batches=500)
     return sd.PaddedCollate(buckets, basis_max_degree=basis_max_degree)
