@@ -129,6 +129,8 @@ def _add_evaluate(sub) -> argparse.ArgumentParser:
     _add_data_options(p)
     p.set_defaults(split_seed=None)
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--task", default=None,
+                   help="QM9 target (default: the checkpoint's; homo for converted reference checkpoints)")
     p.add_argument("--subset", type=_positive_int, default=None, help="evaluate on the first N of the split")
     _add_runtime_options(p, batch_size=240)
     return p

@@ -185,7 +185,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     dist, policy = _setup(args)
     try:
         model, target, config = _model_from_checkpoint(args.load_ckpt_path, args.fuse_level, None)
-        task = target.name if target is not None else "homo"
+        if target is not None and args.task not in (None, target.name):
+            raise UserError(f"{args.load_ckpt_path} predicts {target.name}, not --task {args.task}")
+        task = target.name if target is not None else (args.task or "homo")
         split_seed = args.split_seed if args.split_seed is not None else config.get("run", {}).get("split_seed", 0)
         ds = load_qm9(args.data_dir, task, split_seed, allow_partial=args.allow_partial_data,
                       progress=dist.is_main and not args.silent)

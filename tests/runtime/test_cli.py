@@ -185,6 +185,13 @@ def test_precompute_bases_and_bf16(qm9_dir, tmp_path, capsys):
 
 
 @pytest.mark.rdkit
+def test_evaluate_with_another_task_is_refused(trained, qm9_dir, capsys):
+    ckpt, _ = trained
+    code, _, err = run(capsys, "evaluate", "--load_ckpt_path", ckpt, "--data_dir", qm9_dir, "--task", "lumo")
+    assert code == 2 and "predicts homo, not --task lumo" in err
+
+
+@pytest.mark.rdkit
 def test_resume_with_other_model_flags_is_refused(trained, qm9_dir, capsys):
     ckpt, _ = trained
     code, _, err = run(capsys, "train", "--num_layers", "2", "--num_degrees", "2", "--num_channels", "4",
