@@ -1,0 +1,156 @@
+"""The se3t measurement of one cell (runs inside the cell's process): build, check equivariance, time, measure.
+
+Inputs are plain dicts of tensors (see :mod:`benchmarks.data`) so the child process needs no data package:
+
+``node_feats [N, Fn]``, ``pos [N, 3]``, ``edge_index [2, E]``, ``edge_feats [E, Fe]`` (may have ``Fe = 0``),
+``graph_index [N]``, ``num_graphs``, ``graph_mask [G]``, ``node_mask [N]``, ``y`` (``[G]`` for graph targets,
+``[N]`` for node targets), ``num_real_graphs``, ``num_real_nodes``, ``num_real_edges``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import se3t
+from se3t import Fiber
+
+from .flops import model_flops
+from .machine import gemm_rate, precision_context, sync
+from .runner import PeakMemory, latency_stats, time_steps
+
+__all__ = ["build_model", "se3t_cell", "model_inputs"]
+
+
+def build_model(kind: str, config: dict, fuse_level: str, low_memory: bool, seed: int = 0) -> torch.nn.Module:
+    """``kind="pooled"``: :class:`se3t.SE3TransformerPooled` (graph targets); ``"nodes"``: :class:`se3t.SE3Transformer`
+    with per-node degree-0 outputs. ``config`` holds the constructor arguments (fibers as ``{degree: channels}``)."""
+    cfg = {k: (Fiber({int(d): c for d, c in v.items()}) if k.startswith("fiber_") else v) for k, v in config.items()}
+    torch.manual_seed(seed)  # the same weights in every cell: fusion levels and low-memory share parameters
+    if kind == "pooled":
+        return se3t.SE3TransformerPooled(**cfg, fuse_level=fuse_level, low_memory=low_memory)
+    if kind == "nodes":
+        return se3t.SE3Transformer(**cfg, return_type=0, fuse_level=fuse_level, low_memory=low_memory)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def model_inputs(batch: dict) -> dict:
+    inputs = dict(node_feats={0: batch["node_feats"][..., None]}, edge_index=batch["edge_index"], pos=batch["pos"],
+                  graph_index=batch["graph_index"], num_graphs=batch["num_graphs"])
+    if batch["edge_feats"].shape[1]:
+        inputs["edge_feats"] = {0: batch["edge_feats"][..., None]}
+    return inputs
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _prediction(model, kind: str, batch: dict, inputs: Optional[dict] = None) -> torch.Tensor:
+    """Real outputs only: ``[real graphs]`` or ``[real nodes]``."""
+    out = model(**(inputs or model_inputs(batch)))
+    if kind == "pooled":
+        return out[batch["graph_mask"]].float().reshape(-1)
+    return out[batch["node_mask"]].float().reshape(-1)
+
+
+def _accuracy(model, kind: str, batch: dict, precision: str, device: torch.device, fuse_level: str) -> dict:
+    """Equivariance error of the model's output at this precision and level, and its deviation from fp32 NONE."""
+    model.eval()
+    b = _to(batch, device)
+    base = model_inputs(b)
+
+    def fn(node_feats, pos, edge_feats):
+        inputs = dict(base, node_feats=node_feats, pos=pos)
+        if edge_feats:
+            inputs["edge_feats"] = edge_feats
+        with precision_context(precision, device):
+            return _prediction(model, kind, b, inputs)[:, None]  # [M, 1]: invariant (degree-0) outputs
+
+    errors = se3t.testing.equivariance_error(fn, base["node_feats"], base["pos"], base.get("edge_feats"),
+                                             output_degree=0, num_rotations=3, seed=0)
+    with torch.no_grad():
+        out = fn(base["node_feats"], base["pos"], base.get("edge_feats")).double()
+        model.set_fuse_level("NONE")
+        with precision_context("fp32", device):
+            ref = _prediction(model, kind, b)[:, None].double()
+        model.set_fuse_level(fuse_level)
+    scale = ref.abs().max().clamp_min(1e-30)
+    model.train()
+    return {"max_rel_error": max(errors.values()), "per_degree": {str(d): e for d, e in errors.items()},
+            "rel_dev_vs_fp32_none": float((out - ref).abs().max() / scale), "num_graphs": int(b["num_real_graphs"]),
+            "num_nodes": int(b["num_real_nodes"]), "rotations": 3}
+
+
+def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optional[dict], mode: str, fuse_level: str,
+              precision: str, low_memory: bool, scatter_backend: str, device: str, warmup: int, repeats: int,
+              max_seconds: Optional[float] = None, seed: int = 0, item: str = "graphs",
+              measure_gemm: bool = True) -> Dict:
+    """Measure one cell: ``mode`` ``"train"`` (forward + L1 loss + backward + AdamW step) or ``"infer"``."""
+    dev = torch.device(device)
+    model = build_model(kind, config, fuse_level, low_memory, seed).to(dev)
+    result: Dict = {"num_parameters": sum(p.numel() for p in model.parameters())}
+    with se3t.scatter.use_backend(scatter_backend):
+        if eq_batch is not None:
+            result["equivariance"] = _accuracy(model, kind, eq_batch, precision, dev, fuse_level)
+        dev_batches = [_to(b, dev) for b in batches]
+        inputs = [model_inputs(b) for b in dev_batches]
+        training = mode == "train"
+        if training:
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999), weight_decay=0.1)
+            scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+
+            def step(i: int) -> None:
+                b = dev_batches[i]
+                opt.zero_grad(set_to_none=True)
+                with precision_context(precision, dev):
+                    pred = _prediction(model, kind, b, inputs[i])
+                mask = b["graph_mask"] if kind == "pooled" else b["node_mask"]
+                loss = F.l1_loss(pred, b["y"][mask].float())
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+        else:
+            model.eval()
+
+            def step(i: int) -> None:
+                with torch.inference_mode(), precision_context(precision, dev):
+                    model(**inputs[i])
+
+        if measure_gemm:  # the machine's GEMM rate now, in this process and precision: the utilisation ceiling
+            result["gemm"] = gemm_rate(precision, dev, repeats=3)
+        memory = PeakMemory(dev)
+        memory.start()
+        timing = time_steps(step, len(dev_batches), warmup=warmup, repeats=repeats, device=dev,
+                            max_seconds=max_seconds)
+        result["memory"] = memory.stop()
+    sync(dev)
+    seconds, used = timing["seconds"], [batches[i] for i in timing["indices"]]
+    total = sum(seconds)
+    count_key = "num_real_graphs" if item == "graphs" else "num_real_nodes"
+    items = sum(int(b[count_key]) for b in used)
+    result["latency_s"] = latency_stats(seconds)
+    result["throughput"] = {"value": items / total, "unit": "mol/s" if item == "graphs" else "points/s"}
+    result["repeats_run"] = len(seconds)
+    result["items_per_step"] = items / len(seconds)
+    result["nodes_per_step"] = sum(int(b["num_real_nodes"]) for b in used) / len(seconds)
+    result["edges_per_step"] = sum(int(b["num_real_edges"]) for b in used) / len(seconds)
+    result["padded_shapes"] = sorted({(int(b["pos"].shape[0]), int(b["edge_index"].shape[1]), int(b["num_graphs"]))
+                                      for b in used})
+    flops = {}
+    for order in ("pairwise", "fused"):
+        per_step = [model_flops(model, int(b["num_real_nodes"]), int(b["num_real_edges"]), int(b["num_real_graphs"]),
+                                training=training, order=order).total for b in used]
+        flops[order] = {"per_step": sum(per_step) / len(per_step), "per_item": sum(per_step) / max(items, 1),
+                        "achieved_flops_per_s": sum(per_step) / total}
+    result["flops"] = flops
+    if not all(math.isfinite(s) for s in seconds):
+        raise RuntimeError("non-finite timing")
+    return result

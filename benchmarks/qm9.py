@@ -1,0 +1,61 @@
+"""The ``qm9`` suite: the paper model (SPEC §5) on random real QM9 padded batches.
+
+Grid: mode (train, infer) x fusion level (every ``se3t.FuseLevel``) x precision x low-memory x batch size x scatter
+backend. ``low_memory=on`` is measured at the levels of ``--low-memory-levels`` (default: the model's default
+level); inference cells with ``low_memory=on`` are recorded as skipped (checkpointing only acts under autograd,
+so they would measure the same code as ``off``).
+"""
+from __future__ import annotations
+
+from typing import List
+
+from .machine import precision_supported
+from .suite import Cell, default_fuse_level, fuse_levels, grid, scatter_backends
+
+__all__ = ["PAPER_CONFIG", "TINY_CONFIG", "build_cells", "load_batches"]
+
+#: SE3TransformerPooled arguments of the paper's QM9 model (SPEC §5).
+PAPER_CONFIG = dict(fiber_in={0: 6}, fiber_out={0: 128}, fiber_edge={0: 4}, num_degrees=4, num_channels=32,
+                    num_layers=7, num_heads=8, channels_div=2)
+#: a few-second model for the smoke test and --model tiny.
+TINY_CONFIG = dict(fiber_in={0: 6}, fiber_out={0: 8}, fiber_edge={0: 4}, num_degrees=2, num_channels=4,
+                   num_layers=1, num_heads=2, channels_div=2)
+
+
+def load_batches(args, batch_size: int):
+    from .data import qm9_batches, synthetic_molecule_batches
+
+    if args.data == "qm9":
+        return qm9_batches(batch_size, args.num_batches, seed=args.seed, root=args.data_root)
+    return synthetic_molecule_batches(batch_size, args.num_batches, seed=args.seed)
+
+
+def build_cells(args, device, data: dict) -> List[Cell]:
+    """``data``: batch size -> (batches, equivariance batch, info)."""
+    config = TINY_CONFIG if args.model == "tiny" else PAPER_CONFIG
+    levels = args.levels or fuse_levels()
+    low_levels = fuse_levels() if args.low_memory_levels == ["all"] else (args.low_memory_levels
+                                                                             or [default_fuse_level()])
+    backends = scatter_backends()
+    cells: List[Cell] = []
+    for g in grid(batch_size=args.batch_sizes, scatter_backend=args.scatter_backends or list(backends),
+                  precision=args.precisions, fuse_level=levels, low_memory=args.low_memory, mode=args.modes):
+        cell = Cell(suite="qm9", model=args.model, **g)
+        why = precision_supported(g["precision"], device) or backends.get(g["scatter_backend"],
+                                                                          "unknown scatter backend")
+        if g["low_memory"] and g["fuse_level"] not in low_levels:
+            continue  # not part of the grid (see --low-memory-levels)
+        if why:
+            cell.update(status="unsupported", reason=why)
+        elif g["low_memory"] and g["mode"] == "infer":
+            cell.update(status="skipped", reason="low_memory only recomputes under autograd: inference runs the "
+                                                 "same code as low_memory=off")
+        else:
+            batches, eq, _ = data[g["batch_size"]]
+            cell.update(status=None, func="benchmarks.cells:se3t_cell", kwargs=dict(
+                kind="pooled", config=config, batches=batches, eq_batch=None if args.no_equivariance else eq,
+                mode=g["mode"], fuse_level=g["fuse_level"], precision=g["precision"], low_memory=g["low_memory"],
+                scatter_backend=g["scatter_backend"], device=str(device), warmup=args.warmup, repeats=args.repeats,
+                max_seconds=args.max_cell_seconds, seed=args.seed, item="graphs"))
+        cells.append(cell)
+    return cells
