@@ -20,7 +20,7 @@ def _install(session, extras=None):
 def tests(session):
     """Every test, with all optional extras (RDKit, qm9pack, matplotlib) installed."""
     _install(session, "all")
-    session.run("pytest", *(session.posargs or ["-q"]))
+    session.run("pytest", *(session.posargs or ["-q"]), env={"SE3T_REQUIRE": "rdkit,qm9"})
 
 
 @nox.session(python="3.11")
@@ -35,7 +35,7 @@ def tests_torch_scatter(session):
     """The optional torch-scatter backend: builds it against the pinned torch, then checks parity."""
     _install(session, "all")
     session.install("--no-build-isolation", "torch-scatter", TORCH)
-    session.run("pytest", "-q", "-m", "torch_scatter", "tests")
+    session.run("pytest", "-q", "-m", "torch_scatter", "tests", env={"SE3T_REQUIRE": "torch_scatter"})
 
 
 @nox.session(python="3.11")

@@ -223,3 +223,21 @@ def test_paper_model_parameter_counts():
     assert count("pair") == 9_407_521                   # reference low-memory mode
     # se3t can also share one MLP in layer 1 (3 fewer hidden stacks of 1,376 parameters).
     assert count("conv") == 9_279_553 - 3 * 1_376
+
+
+@pytest.mark.torch_scatter
+@pytest.mark.skipif(not __import__("se3t").scatter.WITH_TORCH_SCATTER, reason="torch-scatter not installed")
+def test_torch_scatter_backend_matches_torch_backend_in_the_model():
+    from se3t.scatter import use_backend
+    model = make_model(return_type=0, pooling="max")
+    x, ei, pos, e, gi = make_inputs(num_graphs=2)
+    results = []
+    for backend in ("torch", "torch_scatter"):
+        with use_backend(backend):
+            out = model(x, ei, pos, e, graph_index=gi)
+            grads = torch.autograd.grad(out.pow(2).sum(), list(model.parameters()), allow_unused=True)
+            results.append((out, grads))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-10)
+    assert sum(g is not None for g in results[1][1]) > 40
