@@ -228,8 +228,8 @@ def test_fused_kernel_gradcheck():
     from se3t.nn.fused import fused_radial_contraction
     h = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     W = torch.randn(2 * 5 + 3 * 2, 4, dtype=torch.float64, requires_grad=True)
-    t1 = torch.randn(9, 5, 3, dtype=torch.float64, requires_grad=True)
-    t2 = torch.randn(9, 2, 1, dtype=torch.float64, requires_grad=True)
+    t1 = torch.randn(9, 3, 5, dtype=torch.float64, requires_grad=True)  # [E, K, K_in] (component-major)
+    t2 = torch.randn(9, 1, 2, dtype=torch.float64, requires_grad=True)  # K = 1: the outer-product branch
     specs = [(0, 2, 5), (10, 3, 2)]
     assert torch.autograd.gradcheck(lambda *a: fused_radial_contraction(a[0], a[1], specs, a[2:], chunk=4),
                                     (h, W, t1, t2))

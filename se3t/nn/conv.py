@@ -194,13 +194,25 @@ class ConvSE3(nn.Module):
 
         out: Features = {}
         if level == FuseLevel.FULL:
-            # Radial last layer fused into the contraction, edge chunk by edge chunk (see se3t.nn.fused).
+            # Radial last layer fused into the contraction, edge chunk by edge chunk (see se3t.nn.fused), in the
+            # component-major layout: tmp [E, 2d_out+1, K_in] built by one strided copy per pair.
             for g, mlp in enumerate(self.radial):
                 blocks = [b for d in self.fiber_out.degrees for b in self._blocks[d] if b.group == g]
                 specs = [(b.offset, self.fiber_out[b.d_out], b.k_in) for b in blocks]
-                outs = fused_radial_contraction(mlp.hidden_features(radial_in), mlp.last.weight, specs,
-                                                [block_tmp(b) for b in blocks], self.chunk_size)
+                tmps = []
+                for b in blocks:
+                    K = degree_to_dim(b.d_out)
+                    t = full_tmp[b.d_ins[0]].new_empty(E, K, b.k_in)
+                    for d_in, a in zip(b.d_ins, b.in_offsets):
+                        F = num_frequencies(d_in, b.d_out)
+                        lo, hi = basis.pair_slice(d_in, b.d_out)
+                        src_view = full_tmp[d_in][:, :, lo:hi].unflatten(-1, (F, K)).permute(0, 3, 1, 2)
+                        t[:, :, a:a + self.in_channels[d_in] * F].unflatten(-1, (self.in_channels[d_in], F)).copy_(src_view)
+                    tmps.append(t)
+                outs = fused_radial_contraction(mlp.hidden_features(radial_in), mlp.last.weight, specs, tmps,
+                                                self.chunk_size)
                 for b, o in zip(blocks, outs):
+                    o = o.transpose(1, 2)  # [E, C_out, 2d_out+1]
                     out[b.d_out] = o if b.d_out not in out else out[b.d_out] + o
             return out
 
