@@ -87,7 +87,7 @@ def _accuracy(model, kind: str, batch: dict, precision: str, device: torch.devic
 def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optional[dict], mode: str, fuse_level: str,
               precision: str, low_memory: bool, scatter_backend: str, device: str, warmup: int, repeats: int,
               max_seconds: Optional[float] = None, seed: int = 0, item: str = "graphs",
-              measure_gemm: bool = True) -> Dict:
+              measure_gemm: bool = True, gemm_size: int = 2048) -> Dict:
     """Measure one cell: ``mode`` ``"train"`` (forward + L1 loss + backward + AdamW step) or ``"infer"``."""
     dev = torch.device(device)
     model = build_model(kind, config, fuse_level, low_memory, seed).to(dev)
@@ -125,7 +125,7 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
                     model(**inputs[i])
 
         if measure_gemm:  # the machine's GEMM rate now, in this process and precision: the utilisation ceiling
-            result["gemm"] = gemm_rate(precision, dev, repeats=3)
+            result["gemm"] = gemm_rate(precision, dev, n=gemm_size, repeats=3)
         memory = PeakMemory(dev)
         memory.start()
         timing = time_steps(step, len(dev_batches), warmup=warmup, repeats=repeats, device=dev,

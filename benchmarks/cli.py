@@ -73,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         "(default 1800; quick: 300)")
         g.add_argument("--max-cell-seconds", type=float, default=None,
                        help="stop a cell's timed loop after this many seconds (at least one timed step)")
+        g.add_argument("--max-step-seconds", type=float, default=None,
+                       help="qm9: skip (and record) cells whose step cannot take less than this: matmul FLOPs over "
+                            "the measured GEMM rate (e.g. bf16 on CPUs that emulate it)")
         g.add_argument("--mem-limit-gb", type=float, default=None,
                        help="address-space limit per cell process (CPU out-of-memory becomes an 'oom' cell); "
                             "peers default: 80%% of RAM")
+        g.add_argument("--gemm-size", type=int, default=2048, help="n of the n x n GEMM that sets the utilisation "
+                                                                   "ceiling (default 2048)")
         g.add_argument("--no-plots", action="store_true")
         f = s.add_argument_group("grid filters (comma-separated lists)")
         f.add_argument("--levels", type=_csv(_level), default=None, help="fusion levels (default: every FuseLevel)")
@@ -136,7 +141,9 @@ def _defaults(args, suite: str, device: torch.device) -> None:
         if args.sizes is None:
             args.sizes = [500, 1000, 2500, 5000, 10000] if quick else [500, 1000, 2000, 5000, 10000, 20000]
         if args.degree_points is None:
-            args.degree_points = 1000 if quick else 2000
+            args.degree_points = 500 if quick else 2000
+        if quick and args.max_cell_seconds is None:
+            args.max_cell_seconds = 15.0
     if args.peer_depth is None:
         args.peer_depth = 1 if quick else 2
     if args.quick and args.num_batches == 4:
@@ -145,9 +152,9 @@ def _defaults(args, suite: str, device: torch.device) -> None:
 
 def _settings(args) -> dict:
     keep = ("device", "threads", "repeats", "warmup", "quick", "seed", "cell_timeout", "max_cell_seconds",
-            "mem_limit_gb", "levels", "precisions", "batch_sizes", "low_memory", "low_memory_levels",
+            "mem_limit_gb", "max_step_seconds", "levels", "precisions", "batch_sizes", "low_memory", "low_memory_levels",
             "scatter_backends", "modes", "model", "data", "num_batches", "sizes", "degree_points", "max_degree",
-            "neighbours", "peer_depth")
+            "neighbours", "peer_depth", "gemm_size")
     s = {k: getattr(args, k, None) for k in keep}
     s["isolated_cells"] = not args.no_isolate
     return s
@@ -180,11 +187,11 @@ def run_suite(args, suite: str) -> dict:
             log(f"data batch {bs}: {info['source']}, {len(batches)} batches, "
                 f"{sum(b['num_real_nodes'] for b in batches) / len(batches):.0f} nodes and "
                 f"{sum(b['num_real_edges'] for b in batches) / len(batches):.0f} edges per batch")
-        settings["data"] = {str(bs): v[2] for bs, v in data.items()}
+        settings["data_info"] = {str(bs): v[2] for bs, v in data.items()}
         if suite == "qm9":
             settings["model_config"] = qm9.TINY_CONFIG if args.model == "tiny" else qm9.PAPER_CONFIG
-            measure_gemm(result, args.precisions, device)
-            cells = qm9.build_cells(args, device, data)
+            measure_gemm(result, args.precisions, device, args.gemm_size)
+            cells = qm9.build_cells(args, device, data, result["gemm"])
         else:
             settings["se3t_config"] = peers.se3t_config(args.peer_depth)
             if mem_limit is None and device.type == "cpu" and not args.no_isolate:

@@ -168,8 +168,9 @@ def gemm_rate(precision: str, device: torch.device, n: int = 2048, repeats: int 
     stops early after ``max_seconds``.
     """
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    probe = _gemm_times(512, dtype, precision, device, repeats=1, warmup=1, max_seconds=max_seconds)
-    rate = 2.0 * 512 ** 3 / probe[0]
+    small = min(n, 512)
+    probe = _gemm_times(small, dtype, precision, device, repeats=1, warmup=1, max_seconds=max_seconds)
+    rate = 2.0 * small ** 3 / probe[0]
     while n > 512 and 2.0 * n ** 3 / rate > max_matmul_seconds:
         n //= 2
     times = _gemm_times(n, dtype, precision, device, repeats, warmup, max_seconds)

@@ -30,8 +30,21 @@ def load_batches(args, batch_size: int):
     return synthetic_molecule_batches(batch_size, args.num_batches, seed=args.seed)
 
 
-def build_cells(args, device, data: dict) -> List[Cell]:
-    """``data``: batch size -> (batches, equivariance batch, info)."""
+def _estimated_seconds(config: dict, batches: list, mode: str, gemm: dict) -> float:
+    """A lower bound on one step's time: its matmul FLOPs at the machine's dense GEMM rate (no model runs faster)."""
+    from .cells import build_model
+    from .flops import model_flops
+
+    model = build_model("pooled", config, "NONE", False)
+    b = batches[0]
+    flops = model_flops(model, b["num_real_nodes"], b["num_real_edges"], b["num_real_graphs"],
+                        training=mode == "train").total
+    return flops / gemm["flops_per_s"]
+
+
+def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
+    """``data``: batch size -> (batches, equivariance batch, info); ``gemm``: precision -> the run's GEMM rate
+    (for ``--max-step-seconds``)."""
     config = TINY_CONFIG if args.model == "tiny" else PAPER_CONFIG
     levels = args.levels or fuse_levels()
     low_levels = fuse_levels() if args.low_memory_levels == ["all"] else (args.low_memory_levels
@@ -50,12 +63,19 @@ def build_cells(args, device, data: dict) -> List[Cell]:
         elif g["low_memory"] and g["mode"] == "infer":
             cell.update(status="skipped", reason="low_memory only recomputes under autograd: inference runs the "
                                                  "same code as low_memory=off")
+        elif getattr(args, "max_step_seconds", None) and (gemm or {}).get(g["precision"]) and (
+                est := _estimated_seconds(config, data[g["batch_size"]][0], g["mode"], gemm[g["precision"]])
+        ) > args.max_step_seconds:
+            rate = gemm[g["precision"]]["flops_per_s"] / 1e9
+            cell.update(status="skipped", estimated_step_s=est,
+                        reason=f"a step needs at least {est:.0f} s at this machine's {g['precision']} GEMM rate "
+                               f"({rate:.3g} GFLOP/s), over --max-step-seconds {args.max_step_seconds:g}")
         else:
             batches, eq, _ = data[g["batch_size"]]
             cell.update(status=None, func="benchmarks.cells:se3t_cell", kwargs=dict(
                 kind="pooled", config=config, batches=batches, eq_batch=None if args.no_equivariance else eq,
                 mode=g["mode"], fuse_level=g["fuse_level"], precision=g["precision"], low_memory=g["low_memory"],
                 scatter_backend=g["scatter_backend"], device=str(device), warmup=args.warmup, repeats=args.repeats,
-                max_seconds=args.max_cell_seconds, seed=args.seed, item="graphs"))
+                max_seconds=args.max_cell_seconds, seed=args.seed, item="graphs", gemm_size=args.gemm_size))
         cells.append(cell)
     return cells

@@ -67,7 +67,7 @@ def _header(result: dict) -> List[str]:
     if result.get("gemm"):
         rates = ", ".join(f"{p} {g['flops_per_s'] / 1e9:,.1f} GFLOP/s (n={g['n']})" for p, g in result["gemm"].items())
         lines.append(f"- Dense GEMM rate at the start of the run: {rates}")
-    data = result["settings"].get("data")
+    data = result["settings"].get("data_info")
     if data:
         for bs, info in data.items():
             lines.append(f"- Data (batch {bs}): " + ", ".join(f"{k} {v}" for k, v in info.items()
@@ -83,7 +83,7 @@ def _row_common(c: dict) -> List[str]:
 def _cells_table(result: dict) -> List[str]:
     cols = ["mode", "level", "precision", "low-mem", "batch", "scatter", "status", "throughput", "median ms",
             "p90 ms", "p99 ms", "peak mem", "mem growth", "GFLOP/s", "% GEMM", "% GEMM (ref-fused)", "equiv. err",
-            "dev vs fp32"]
+            "dev vs fp32", "load"]
     extra = result["suite"] in ("scaling", "peers")
     if extra:
         cols = ["model", "sweep", "points", "edges", "L"] + cols if result["suite"] == "scaling" else ["model"] + cols
@@ -105,7 +105,8 @@ def _cells_table(result: dict) -> List[str]:
             fmt_bytes(mem.get("peak_bytes")), fmt_bytes(mem.get("growth_bytes")),
             _num(fl.get("achieved_flops_per_s", 0) / 1e9) if fl else "-",
             f"{100 * u:.1f}" if u is not None else "-", f"{100 * uf:.1f}" if uf is not None else "-",
-            _num(eq.get("max_rel_error"), 2), _num(eq.get("rel_dev_vs_fp32_none"), 2)]
+            _num(eq.get("max_rel_error"), 2), _num(eq.get("rel_dev_vs_fp32_none"), 2),
+            f"{c['load_average']['before'][0]:.1f}" if (c.get("load_average") or {}).get("before") else "-"]
         if result["suite"] == "scaling":
             row = [c.get("model"), c.get("sweep"), str(c.get("num_points")), str(c.get("num_edges")),
                    str(c.get("max_degree"))] + row
@@ -126,7 +127,8 @@ def markdown(result: dict) -> str:
               "the same process and precision; ref-fused: the same time credited with the reference's fused-basis "
               "FLOP count (issue 7's 3.5 GFLOP per molecule and step). Equivariance error: worst relative error of "
               "the model's output under 3 random rotations and translations, at the cell's precision and level; "
-              "dev vs fp32: relative deviation from the fp32 output at level NONE.", ""]
+              "dev vs fp32: relative deviation from the fp32 output at level NONE. Load: the machine's 1-minute load "
+              "average when the cell started (above the thread count, other processes competed for the cores).", ""]
     lines += _cells_table(result)
     not_run = defaultdict(list)
     for c in result["cells"]:

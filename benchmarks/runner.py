@@ -146,6 +146,7 @@ def _resolve(func: str) -> Callable[..., dict]:
 def _execute(func: str, kwargs: dict, threads: Optional[int]) -> dict:
     if threads:
         torch.set_num_threads(threads)
+    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     try:
         result = _resolve(func)(**kwargs)
@@ -161,6 +162,9 @@ def _execute(func: str, kwargs: dict, threads: Optional[int]) -> dict:
             torch.cuda.empty_cache()
     result.setdefault("status", "ok")
     result["wall_s"] = time.perf_counter() - t0
+    # other processes on the machine distort timings (threads of two processes on the same cores): say so
+    result["load_average"] = {"before": load_before,
+                              "after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     return result
 
 
@@ -216,3 +220,16 @@ def default_mem_limit(fraction: float = 0.8) -> Optional[int]:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def memory_probe(nbytes: int = 64 << 20, sleep_s: float = 0.0) -> dict:
+    """A calibration cell: touch ``nbytes`` between :meth:`PeakMemory.start` and :meth:`~PeakMemory.stop` (and
+    sleep ``sleep_s``). Its ``memory.growth_bytes`` should be close to ``nbytes``; the tests use it to check the
+    measurement, the time limit and the out-of-memory path."""
+    memory = PeakMemory(torch.device("cpu"))
+    memory.start()
+    block = torch.ones(nbytes // 4, dtype=torch.float32)
+    total = float(block[:: 1 << 10].sum())
+    del block
+    time.sleep(sleep_s)
+    return {"memory": memory.stop(), "checksum": total}

@@ -69,11 +69,11 @@ def new_result(suite: str, args, device: torch.device, threads: int, settings: d
     }
 
 
-def measure_gemm(result: dict, precisions: Iterable[str], device: torch.device) -> None:
+def measure_gemm(result: dict, precisions: Iterable[str], device: torch.device, n: int = 2048) -> None:
     """The machine's dense GEMM rate per precision, measured now in this process (same threads as the cells)."""
     for p in precisions:
         if precision_supported(p, device) is None and p not in result["gemm"]:
-            result["gemm"][p] = gemm_rate(p, device)
+            result["gemm"][p] = gemm_rate(p, device, n=n)
             log(f"GEMM {p}: {result['gemm'][p]['flops_per_s'] / 1e9:.1f} GFLOP/s (n={result['gemm'][p]['n']})")
 
 
