@@ -99,6 +99,7 @@ class _FusedRadialContraction(torch.autograd.Function):
         return (None, None, grad_h, grad_W, *grad_t)
 
 
+@torch.compiler.disable  # a hand-scheduled kernel: compiling would unroll its chunk loops (one graph break instead)
 def fused_radial_contraction(h: Tensor, W: Tensor, specs: Sequence[Spec], tmps: Sequence[Tensor],
                              chunk: int = DEFAULT_CHUNK) -> List[Tensor]:
     """``out_j[e] = tmp_j[e] @ (W_j @ h[e]).view(C_out, K_in).T`` for every block ``j = (row, C_out, K_in)``.
