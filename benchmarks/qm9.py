@@ -26,7 +26,10 @@ def load_batches(args, batch_size: int):
     from .data import qm9_batches, synthetic_molecule_batches
 
     if args.data == "qm9":
-        return qm9_batches(batch_size, args.num_batches, seed=args.seed, root=args.data_root)
+        try:
+            return qm9_batches(batch_size, args.num_batches, seed=args.seed, root=args.data_root)
+        except ImportError as err:
+            raise SystemExit(f"--data qm9 needs se3t_data and its extras ({err}); or run with --data synthetic")
     return synthetic_molecule_batches(batch_size, args.num_batches, seed=args.seed)
 
 
@@ -68,7 +71,7 @@ def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
         ) > args.max_step_seconds:
             rate = gemm[g["precision"]]["flops_per_s"] / 1e9
             cell.update(status="skipped", estimated_step_s=est,
-                        reason=f"a step needs at least {est:.0f} s at this machine's {g['precision']} GEMM rate "
+                        reason=f"a step would need at least ~{est:.0f} s of matmuls at this machine's {g['precision']} GEMM rate "
                                f"({rate:.3g} GFLOP/s), over --max-step-seconds {args.max_step_seconds:g}")
         else:
             batches, eq, _ = data[g["batch_size"]]

@@ -80,6 +80,14 @@ def _row_common(c: dict) -> List[str]:
             str(c.get("batch_size") or "-"), c.get("scatter_backend") or "-"]
 
 
+_REASONS: Dict[str, int] = {}
+
+
+def _footnote(cell: dict) -> str:
+    reason = (cell.get("reason") or "?").strip().splitlines()[-1]
+    return f"note {_REASONS.setdefault(reason, len(_REASONS) + 1)}"
+
+
 def _cells_table(result: dict) -> List[str]:
     cols = ["mode", "level", "precision", "low-mem", "batch", "scatter", "status", "throughput", "median ms",
             "p90 ms", "p99 ms", "peak mem", "mem growth", "GFLOP/s", "% GEMM", "% GEMM (ref-fused)", "equiv. err",
@@ -99,7 +107,7 @@ def _cells_table(result: dict) -> List[str]:
         eq = c.get("equivariance") or {}
         u, uf = utilisation(c, result), utilisation(c, result, "fused")
         row = _row_common(c) + [
-            c["status"] if ok else f"{c['status']}: {(c.get('reason') or '').splitlines()[-1][:80]}",
+            c["status"] if ok else f"{c['status']} ({_footnote(c)})",
             f"{_num(tp.get('value'))} {tp.get('unit', '')}" if ok else "-",
             _ms(lat.get("median")), _ms(lat.get("p90")), _ms(lat.get("p99")),
             fmt_bytes(mem.get("peak_bytes")), fmt_bytes(mem.get("growth_bytes")),
@@ -118,6 +126,7 @@ def _cells_table(result: dict) -> List[str]:
 
 def markdown(result: dict) -> str:
     """The result file as a Markdown report: header, the table of every cell, cells not run, fits."""
+    _REASONS.clear()
     lines = _header(result)
     lines += ["Throughput counts real molecules (or points) per second; latency is per step (train: forward + L1 "
               "loss + backward + AdamW; infer: forward), warm-up excluded. Peak memory: CUDA peak allocated, CPU "
@@ -130,6 +139,8 @@ def markdown(result: dict) -> str:
               "dev vs fp32: relative deviation from the fp32 output at level NONE. Load: the machine's 1-minute load "
               "average when the cell started (above the thread count, other processes competed for the cores).", ""]
     lines += _cells_table(result)
+    if _REASONS:
+        lines += [""] + [f"- note {n}: {reason}" for reason, n in _REASONS.items()]
     not_run = defaultdict(list)
     for c in result["cells"]:
         if c["status"] == "unsupported":
