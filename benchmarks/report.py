@@ -313,7 +313,8 @@ def readme_table(result: dict, source: str = "") -> str:
     """The README's results table: one row per (level, precision, low-memory, batch), train and infer side by side."""
     rows: Dict[Tuple, Dict[str, dict]] = {}
     for c in result["cells"]:
-        if c["status"] in ("unsupported",) or (c["status"] == "skipped" and c.get("mode") == "infer"):
+        if c["status"] in ("unsupported",) or (c["status"] == "skipped" and c.get("mode") == "infer"
+                                               and c.get("low_memory")):
             continue
         key = (c.get("model"), c.get("fuse_level"), c.get("precision"), c.get("low_memory"), c.get("batch_size"),
                c.get("scatter_backend"))

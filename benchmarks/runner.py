@@ -143,6 +143,26 @@ def _resolve(func: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), name)
 
 
+def se3t_source_hash() -> Optional[str]:
+    """A short hash of the se3t sources this process imports (cells of one run may see different code when the
+    checkout changes during the run)."""
+    import hashlib
+
+    try:
+        import se3t
+    except ImportError:
+        return None
+    root = os.path.dirname(os.path.abspath(se3t.__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()[:12]
+
+
 def _execute(func: str, kwargs: dict, threads: Optional[int]) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -162,6 +182,7 @@ def _execute(func: str, kwargs: dict, threads: Optional[int]) -> dict:
             torch.cuda.empty_cache()
     result.setdefault("status", "ok")
     result["wall_s"] = time.perf_counter() - t0
+    result["se3t_source"] = se3t_source_hash()
     # other processes on the machine distort timings (threads of two processes on the same cores): say so
     result["load_average"] = {"before": load_before,
                               "after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

@@ -48,6 +48,7 @@ def _check_document(result: dict, suite: str) -> None:
             assert cell["memory"]["peak_bytes"] > 0 and cell["memory"]["growth_bytes"] >= 0
             for order in ("pairwise", "fused"):
                 assert cell["flops"][order]["achieved_flops_per_s"] > 0
+            assert cell["se3t_source"] and cell["load_average"]["before"]
         else:
             assert cell["reason"], cell
 
