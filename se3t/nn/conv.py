@@ -11,9 +11,8 @@ executed as two batched matmuls, ``tmp = x @ B`` then ``out = R @ tmp``. Two ind
   degree, ``"pair"`` one per ``(d_in, d_out)``.
 * ``fuse_level`` - how the contractions are grouped (never changes the outputs beyond rounding):
   ``NONE`` two matmuls per pair (the reference path); ``PARTIAL`` one ``R @ tmp`` per output degree over all
-  input degrees; ``FULL`` one ``x @ B`` per input degree over all output degrees, and the radial MLP's last
-  layer fused into the contraction edge chunk by edge chunk, so the per-edge kernel weights ``R`` are never
-  stored (:mod:`se3t.nn.fused`). A level is "the most fusion allowed": parts whose radial weights live in
+  input degrees; ``FULL`` the radial MLP's last layer fused into that contraction, edge chunk by edge chunk,
+  so the per-edge kernel weights ``R`` are never stored (:mod:`se3t.nn.fused`). A level is "the most fusion allowed": parts whose radial weights live in
   different MLPs are contracted separately.
 
 Layout of a radial MLP's output, per edge: for each of its output degrees (ascending), a row-major block
@@ -174,17 +173,8 @@ class ConvSE3(nn.Module):
         x = self._source_features(node_feats, edge_feats, src)
         E = radial_in.shape[0]
         level = self.fuse_level
-        full_tmp: Dict[int, Tensor] = {}
-        if level == FuseLevel.FULL:
-            # One x @ B per input degree, against the bases to all output degrees at once.
-            for d_in in self.fiber_in.degrees:
-                full_tmp[d_in] = torch.bmm(x[d_in], basis.input_block(d_in).to(x[d_in].dtype))
 
         def tmp_of(d_in: int, d_out: int) -> Tensor:
-            if level == FuseLevel.FULL:
-                a, b = basis.pair_slice(d_in, d_out)
-                c = self.in_channels[d_in] * num_frequencies(d_in, d_out)
-                return full_tmp[d_in][:, :, a:b].reshape(E, c, degree_to_dim(d_out))
             return self._pair_tmp(x[d_in], basis, d_in, d_out)
 
         def block_tmp(block: _Block) -> Tensor:
@@ -202,13 +192,10 @@ class ConvSE3(nn.Module):
                 tmps = []
                 for b in blocks:
                     K = degree_to_dim(b.d_out)
-                    t = full_tmp[b.d_ins[0]].new_empty(E, K, b.k_in)
-                    for d_in, a in zip(b.d_ins, b.in_offsets):
-                        F = num_frequencies(d_in, b.d_out)
-                        lo, hi = basis.pair_slice(d_in, b.d_out)
-                        src_view = full_tmp[d_in][:, :, lo:hi].unflatten(-1, (F, K)).permute(0, 3, 1, 2)
-                        t[:, :, a:a + self.in_channels[d_in] * F].unflatten(-1, (self.in_channels[d_in], F)).copy_(src_view)
-                    tmps.append(t)
+                    # Per pair x @ B, then to [E, K, C_in * F]; one cat per block. (Slicing one big per-input-degree
+                    # product instead would make autograd zero-fill the whole product once per slice in backward.)
+                    parts = [tmp_of(d, b.d_out).transpose(1, 2) for d in b.d_ins]
+                    tmps.append(parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=2))
                 outs = fused_radial_contraction(mlp.hidden_features(radial_in), mlp.last.weight, specs, tmps,
                                                 self.chunk_size)
                 for b, o in zip(blocks, outs):
