@@ -233,6 +233,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .report import markdown, plot
 
         result = json.loads(args.result.read_text())
+        if result["suite"] == "scaling":
+            from .scaling import add_fits
+
+            add_fits(result)  # derived from the cells: recomputed with the current fitting code
+            args.result.write_text(json.dumps(result, indent=1) + "\n")
         stem = args.result.name[:-len(".json")] if args.result.name.endswith(".json") else args.result.stem
         plot(result, args.result.parent, stem)
         (args.result.parent / f"{stem}.md").write_text(markdown(result))

@@ -93,6 +93,11 @@ def add_fits(result: dict) -> None:
                                                                 [c["memory"]["growth_bytes"] for c in size])
         fits[f"{mode}: time vs (max_degree + 1)"] = fit_power_law([c["max_degree"] + 1 for c in deg],
                                                                   [c["latency_s"]["median"] for c in deg])
+        # the fastest step is the least disturbed by other processes on a shared machine
+        fits[f"{mode}: min time vs nodes"] = fit_power_law([c["num_points"] for c in size],
+                                                           [c["latency_s"]["min"] for c in size])
+        fits[f"{mode}: min time vs (max_degree + 1)"] = fit_power_law([c["max_degree"] + 1 for c in deg],
+                                                                      [c["latency_s"]["min"] for c in deg])
     graphs = {c["num_points"]: c["radius_graph_s"] for c in result["cells"] if c.get("sweep") == "size"}
     fits["radius_graph: time vs nodes"] = fit_power_law(list(graphs), list(graphs.values()))
     result["fits"] = {k: v for k, v in fits.items() if v is not None}
