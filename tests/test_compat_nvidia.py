@@ -129,3 +129,28 @@ def test_cli_convert(tmp_path, capsys):
     assert rel_error(run(model, fx), fx["output"]) < 1e-6
     assert cli_main([str(tmp_path / "missing.pth"), "--config", str(cfg), "-o", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_per_input_degree_layout():
+    """Re-express P2's fully fused conv (one shared radial MLP) in the reference's per-input-degree layout
+    (``conv_in.{d_in}``, frequencies ordered by d_out then J): the converter must still reproduce P2's outputs."""
+    fx = load_fixture("P2")
+    sd = dict(fx["state_dict"])
+    base = "graph_modules.2.to_key_value."
+    W = sd.pop(base + "conv.radial_func.net.6.weight").view(8, 8, 19, 32)  # [o, i, f (d_out, d_in, J), hidden]
+    hidden = {k[len(base + "conv."):]: sd.pop(k) for k in list(sd) if k.startswith(base + "conv.radial_func")}
+    degrees = [0, 1, 2]
+    offsets, f = {}, 0
+    for d_out in degrees:
+        for d_in in degrees:
+            offsets[(d_in, d_out)] = f
+            f += 2 * min(d_in, d_out) + 1
+    for d_in in degrees:
+        idx = [offsets[(d_in, d_out)] + j for d_out in degrees for j in range(2 * min(d_in, d_out) + 1)]
+        for k, v in hidden.items():
+            sd[f"{base}conv_in.{d_in}.{k}"] = v.clone()
+        sd[f"{base}conv_in.{d_in}.radial_func.net.6.weight"] = W[:, :, idx].reshape(-1, 32)
+    assert reference_radial_layout(sd, fx["config"])[1] == "input_degree"
+    for version, key in [("0.6.0", "output"), ("0.3.3", "output_e3nn_0_3_3")]:
+        model = load_nvidia(sd, fx["config"], e3nn_version=version).double()
+        assert rel_error(run(model, fx), fx[key]) < 1e-6
