@@ -128,5 +128,8 @@ class _Quiet:
     def set_postfix(self, *args, **kwargs) -> None:
         pass
 
+    def refresh(self) -> None:
+        pass
+
     def close(self) -> None:
         pass

@@ -230,6 +230,7 @@ class Trainer:
             if self.on_step_end is not None:
                 self.on_step_end(self)
             self.optimizer.zero_grad(set_to_none=True)
+        bar.refresh()  # draw the final loss / rate even when the epoch was shorter than tqdm's refresh interval
         bar.close()
         return stats
 
