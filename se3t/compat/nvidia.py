@@ -40,7 +40,6 @@ __all__ = ["E3NN_033_SIGN_FLIPS", "convert_state_dict", "load_nvidia", "build_mo
 
 #: ``(J, d_in, d_out)`` whose ``wigner_3j`` sign differs between e3nn 0.3.3 and e3nn >= 0.5 (J <= 6, l <= 3).
 E3NN_033_SIGN_FLIPS = frozenset({(1, 2, 2), (2, 1, 2), (2, 2, 1), (1, 3, 3), (3, 1, 3), (3, 3, 1)})
-_SUPPORTED_E3NN = ("0.3.3", "0.6.0")
 _FIBER_KEYS = ("fiber_in", "fiber_hidden", "fiber_out", "fiber_edge")
 _RADIAL_OF_KIND = {"full": "conv", "out": "output_degree", "in": "input_degree", "pair": "pair"}
 

@@ -171,7 +171,6 @@ class ConvSE3(nn.Module):
                       src: Tensor, basis: Basis) -> Features:
         """Per-edge outputs ``{d_out: [E, C_out, 2d_out+1]}`` (before self-interaction and pooling)."""
         x = self._source_features(node_feats, edge_feats, src)
-        E = radial_in.shape[0]
         level = self.fuse_level
 
         def tmp_of(d_in: int, d_out: int) -> Tensor:
@@ -185,13 +184,12 @@ class ConvSE3(nn.Module):
         out: Features = {}
         if level == FuseLevel.FULL:
             # Radial last layer fused into the contraction, edge chunk by edge chunk (see se3t.nn.fused), in the
-            # component-major layout: tmp [E, 2d_out+1, K_in] built by one strided copy per pair.
+            # component-major layout tmp [E, 2d_out+1, K_in].
             for g, mlp in enumerate(self.radial):
                 blocks = [b for d in self.fiber_out.degrees for b in self._blocks[d] if b.group == g]
                 specs = [(b.offset, self.fiber_out[b.d_out], b.k_in) for b in blocks]
                 tmps = []
                 for b in blocks:
-                    K = degree_to_dim(b.d_out)
                     # Per pair x @ B, then to [E, K, C_in * F]; one cat per block. (Slicing one big per-input-degree
                     # product instead would make autograd zero-fill the whole product once per slice in backward.)
                     parts = [tmp_of(d, b.d_out).transpose(1, 2) for d in b.d_ins]
