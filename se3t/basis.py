@@ -138,6 +138,7 @@ class Basis(Mapping):
         self.max_degree = max_degree
         self.blocks = dict(blocks)
         self._offsets, self._widths = _layout(max_degree)
+        self._kernel_major: Dict[Pair, Tensor] = {}
         for d_in, block in self.blocks.items():
             expected = (degree_to_dim(d_in), self._widths[d_in])
             if block.dim() != 3 or tuple(block.shape[1:]) != expected:
@@ -173,6 +174,25 @@ class Basis(Mapping):
         """Column range of the pair inside :meth:`input_block` ``(d_in)``."""
         col, F, K = self._offsets[(d_in, d_out)]
         return col, col + F * K
+
+    def kernel_major(self, d_in: int, d_out: int) -> Tensor:
+        """``[E, (2d_out+1) * F, 2d_in+1]``, rows ordered ``(m_out, f)``: the layout of the fused conv
+        (:mod:`se3t.nn.fused`), where ``Bt @ x^T`` is directly component-major ``[E, 2d_out+1, F * C]``.
+
+        A contiguous copy, kept for later calls unless it would carry an autograd graph (forces) that a second
+        backward could not traverse again.
+        """
+        key = (d_in, d_out)
+        cached = self._kernel_major.get(key)
+        if cached is not None:
+            return cached
+        mat = self.pair_matrix(d_in, d_out)
+        _, F, K = self._offsets[key]
+        E, L = mat.shape[0], mat.shape[1]
+        out = mat.reshape(E, L, F, K).permute(0, 3, 2, 1).reshape(E, K * F, L).contiguous()
+        if not out.requires_grad:
+            self._kernel_major[key] = out
+        return out
 
     def input_block(self, d_in: int) -> Tensor:
         """``[E, 2d_in+1, W]``: the bases of ``d_in`` to every output degree, columns ``(d_out, f, m_out)``."""

@@ -224,15 +224,29 @@ def test_fused_kernel_chunks_match_reference_path(chunk):
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
 
 
-def test_fused_kernel_gradcheck():
-    from se3t.nn.fused import fused_radial_contraction
-    h = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(2 * 5 + 3 * 2, 4, dtype=torch.float64, requires_grad=True)
-    t1 = torch.randn(9, 3, 5, dtype=torch.float64, requires_grad=True)  # [E, K, K_in] (component-major)
-    t2 = torch.randn(9, 1, 2, dtype=torch.float64, requires_grad=True)  # K = 1: the outer-product branch
-    specs = [(0, 2, 5), (10, 3, 2)]
-    assert torch.autograd.gradcheck(lambda *a: fused_radial_contraction(a[0], a[1], specs, a[2:], chunk=4),
-                                    (h, W, t1, t2))
+@pytest.mark.parametrize("parallel", [False, True])
+def test_fused_kernel_gradcheck(parallel, monkeypatch):
+    """The fused kernel alone, every input (radial hidden, weights, features, bases), several chunks and parts,
+    on the calling thread and split over worker threads."""
+    from se3t.nn import fused
+    from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
+    monkeypatch.setattr(fused, "PARALLEL_RANGES", parallel)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # workers even on a one-core runner
+    E = 9
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g).requires_grad_(True)  # noqa: E731
+    h = rnd(E, 4)
+    xs = [rnd(E, 2, 1), rnd(E, 3, 3)]                       # C=2 of degree 0, C=3 of degree 1
+    # block 0: d_out=1 (K=3) from d_in 0 (F=1) and d_in 1 (F=3): K_in = 2 + 9 = 11, C_out = 2
+    # block 1: d_out=0 (K=1) from d_in 1 (F=1): K_in = 3, C_out = 3 (the outer-product branch)
+    bts = [rnd(E, 3 * 1, 1), rnd(E, 3 * 3, 3), rnd(E, 1 * 1, 3)]
+    blocks = [BlockSpec(0, 2, 3, 11, (PartSpec(0, 0, 0, 1, 2), PartSpec(1, 1, 2, 3, 3))),
+              BlockSpec(22, 3, 1, 3, (PartSpec(1, 2, 0, 1, 3),))]
+    W = rnd(22 + 9, 4)
+    rows = torch.randperm(W.shape[0], generator=g)  # any row order the conv asks for
+    n = len(xs)
+    assert torch.autograd.gradcheck(lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=2),
+                                    (h, W, *xs, *bts))
 
 
 def test_fused_kernel_under_bf16_autocast_close_to_fp32():

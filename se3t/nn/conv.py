@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from ..basis import Basis, num_frequencies
 from ..fiber import Features, Fiber, degree_to_dim
 from ..scatter import scatter_sum
-from .fused import DEFAULT_CHUNK, fused_radial_contraction
+from .fused import BlockSpec, PartSpec, fused_conv
 from .radial import RadialMLP
 
 __all__ = ["ConvSE3", "FuseLevel", "RADIAL_SHARING"]
@@ -111,8 +111,8 @@ class ConvSE3(nn.Module):
         #: channels entering each input degree: node channels plus edge channels of that degree (d > 0)
         self.in_channels = {d: c + (fiber_edge[d] if d > 0 else 0) for d, c in fiber_in}
         self.edge_dim = fiber_edge[0] + 1
-        #: edges per chunk of the fused kernel (FuseLevel.FULL)
-        self.chunk_size = DEFAULT_CHUNK
+        #: most edges per chunk of the fused kernel (FuseLevel.FULL); None: the device's default
+        self.chunk_size: Optional[int] = None
 
         groups = self._group_pairs(radial)
         self.radial = nn.ModuleList()
@@ -127,12 +127,35 @@ class ConvSE3(nn.Module):
                 self._blocks[d_out].append(block)
                 offset += fiber_out[d_out] * block.k_in
             self.radial.append(RadialMLP(self.edge_dim, offset, radial_hidden, use_layer_norm))
+        self._fused_specs = [self._build_fused_specs(g) for g in range(len(groups))]
 
         if self_interaction:
             self.to_kernel_self = nn.ParameterDict({
                 str(d): nn.Parameter(torch.randn(c, fiber_in[d]) / math.sqrt(fiber_in[d]))
                 for d, c in fiber_out if d in fiber_in
             })
+
+    def _blocks_of_group(self, g: int) -> List[_Block]:
+        return [b for d in self.fiber_out.degrees for b in self._blocks[d] if b.group == g]
+
+    def _build_fused_specs(self, g: int) -> Tuple[BlockSpec, ...]:
+        """The fused kernel's block specs for radial MLP ``g``, and the permutation (a buffer) that reorders the
+        rows of its last layer from the parameter layout ``(c_out, d_in, c, f)`` to the kernel's ``(c_out, d_in,
+        f, c)``."""
+        degrees = self.fiber_in.degrees
+        specs, rows, bt_index = [], [], 0
+        for b in self._blocks_of_group(g):
+            c_out, parts = self.fiber_out[b.d_out], []
+            for d, col in zip(b.d_ins, b.in_offsets):
+                C, F = self.in_channels[d], num_frequencies(d, b.d_out)
+                parts.append(PartSpec(degrees.index(d), bt_index, col, F, C))
+                bt_index += 1
+            specs.append(BlockSpec(b.offset, c_out, degree_to_dim(b.d_out), b.k_in, tuple(parts)))
+            # kernel row (o, col + f*C + c) <- parameter row (o, col + c*F + f)
+            cols = torch.cat([p.col + torch.arange(p.C * p.F).view(p.C, p.F).t().reshape(-1) for p in parts])
+            rows.append((b.offset + torch.arange(c_out)[:, None] * b.k_in + cols[None, :]).reshape(-1))
+        self.register_buffer(f"_fused_rows_{g}", torch.cat(rows), persistent=False)
+        return tuple(specs)
 
     def _group_pairs(self, radial: str) -> List[List[Tuple[int, int]]]:
         d_ins, d_outs = self.fiber_in.degrees, self.fiber_out.degrees
@@ -183,20 +206,16 @@ class ConvSE3(nn.Module):
 
         out: Features = {}
         if level == FuseLevel.FULL:
-            # Radial last layer fused into the contraction, edge chunk by edge chunk (see se3t.nn.fused), in the
-            # component-major layout tmp [E, 2d_out+1, K_in].
+            # x @ B, the radial last layer and the contraction in one chunked kernel (see se3t.nn.fused): only
+            # x, the bases and the radial hidden features are kept for backward.
+            xs = [x[d] for d in self.fiber_in.degrees]
             for g, mlp in enumerate(self.radial):
-                blocks = [b for d in self.fiber_out.degrees for b in self._blocks[d] if b.group == g]
-                specs = [(b.offset, self.fiber_out[b.d_out], b.k_in) for b in blocks]
-                tmps = []
-                for b in blocks:
-                    # Per pair x @ B, then to [E, K, C_in * F]; one cat per block. (Slicing one big per-input-degree
-                    # product instead would make autograd zero-fill the whole product once per slice in backward.)
-                    parts = [tmp_of(d, b.d_out).transpose(1, 2) for d in b.d_ins]
-                    tmps.append(parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=2))
-                outs = fused_radial_contraction(mlp.hidden_features(radial_in), mlp.last.weight, specs, tmps,
-                                                self.chunk_size)
-                for b, o in zip(blocks, outs):
+                blocks, bts = self._fused_specs[g], []
+                for b in self._blocks_of_group(g):
+                    bts += [basis.kernel_major(d, b.d_out) for d in b.d_ins]
+                outs = fused_conv(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_fused_rows_{g}"),
+                                  blocks, xs, bts, self.chunk_size)
+                for b, o in zip(self._blocks_of_group(g), outs):
                     o = o.transpose(1, 2)  # [E, C_out, 2d_out+1]
                     out[b.d_out] = o if b.d_out not in out else out[b.d_out] + o
             return out

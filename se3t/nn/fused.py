@@ -1,120 +1,255 @@
-"""The radial last layer fused with the kernel contraction, computed block by block and edge chunk by edge chunk.
+"""The whole TFN contraction of a conv, fused with the radial MLP's last layer, edge chunk by edge chunk.
 
 For one radial MLP with hidden features ``h [E, H]`` and last-layer weight ``W [P, H]`` the kernel weights of
-every edge are ``R[e] = W @ h[e]`` (``P`` = 45,056 per edge and hidden layer of the QM9 model). Materialising
-``R`` for all edges costs more time than the arithmetic on CPU (first-touch page faults of a huge fresh tensor)
-and is the largest activation kept for backward. Here, for each output-degree block ``j`` (rows ``W_j``) and
-each chunk of edges ``c``, ``R_jc`` exists only in a reused buffer small enough to stay in cache:
+an edge are ``R[e] = W @ h[e]`` (``P`` = 45,056 per edge and hidden layer of the QM9 model), and an output
+degree's messages are ``out[e] = (x[e] @ B[e]) @ R[e]^T`` summed over the input degrees. Materialising ``R``
+(or the products ``tmp = x @ B``) for all edges costs more time than the arithmetic on CPU (first-touch page
+faults of huge fresh tensors, several passes over memory) and they are the largest activations autograd would
+keep. Here, for each output-degree block ``j`` (rows ``W_j``) and each chunk of edges ``c``, ``tmp_jc`` and
+``R_jc`` exist only in reused buffers small enough to stay in cache:
 
-    forward:  R_jc = h_c @ W_j^T;  out_j[c] = tmp_j[c] @ R_jc^T                               (nothing of R saved)
-    backward: R_jc again;  grad_tmp_j[c] = g_j[c] @ R_jc;  gR_jc = g_j[c]^T @ tmp_j[c];
-              grad_W_j += gR_jc^T @ h_c;  grad_h_c += gR_jc @ W_j
+    forward:  tmp_jc = [Bt_c(d_in, d_out) @ x_c(d_in)^T for d_in];  R_jc = h_c @ W_j^T;  out_j[c] = tmp_jc @ R_jc^T
+    backward: tmp_jc and R_jc again;  gtmp = g_jc @ R_jc;  grad_x_c(d_in) += Bt_c^T @ gtmp(d_in);
+              gR_jc = g_jc^T @ tmp_jc;  grad_W_j += gR_jc^T @ h_c;  grad_h_c += gR_jc @ W_j
 
-The reference path (:class:`se3t.nn.conv.ConvSE3` at ``FuseLevel.PARTIAL``/``NONE``) computes the same
-function with plain autograd; tests compare the two in forward and backward.
+Nothing per edge beyond the inputs is saved for backward. Layouts ("component-major", see ``Basis.kernel_major``):
+``Bt [E, K*F, L]`` with rows ``(m_out, f)``, so ``Bt @ x^T`` is ``[E, K, F*C]``: the block's ``tmp [E, K, K_in]``
+has its input columns ordered ``(d_in, f, c)``, and ``W_j`` must be given with its rows in that order
+(:class:`se3t.nn.conv.ConvSE3` permutes them). Each per-edge product is then ``(small K) x K_in @ K_in x C_out``:
+the orientation in which batched GEMMs with a tiny ``K`` run several times faster on CPU (measured 4-7x for
+``K = 1..7``) than ``C_out x K_in @ K_in x K``.
+
+The reference path (:class:`se3t.nn.conv.ConvSE3` at ``FuseLevel.PARTIAL``/``NONE``) computes the same function
+with plain autograd; tests compare the two in forward and backward, and gradcheck this kernel.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["fused_radial_contraction", "DEFAULT_CHUNK", "CHUNK_VALUES"]
+__all__ = ["fused_conv", "BlockSpec", "PartSpec", "DEFAULT_CHUNK", "CHUNK_VALUES", "CHUNK_VALUES_ACCELERATOR",
+           "PARALLEL_RANGES"]
 
-#: Most edges per chunk.
+#: Most edges per chunk on CPU.
 DEFAULT_CHUNK = 64
-#: Budget of kernel-weight values per chunk buffer (256 Ki values = 1 MiB in fp32): keeps R_jc in L2-sized cache.
+#: CPU budget of kernel-weight values per chunk buffer (256 Ki values = 1 MiB in fp32): keeps R_jc in L2 cache.
 CHUNK_VALUES = 1 << 18
-
-Spec = Tuple[int, int, int]  # (first row of the block in W, C_out, K_in)
-
-
-def _chunk_edges(chunk: int, width: int) -> int:
-    return max(1, min(chunk, CHUNK_VALUES // max(width, 1)))
+#: Budget on accelerators (64 Mi values): a few large launches per block instead of many small ones.
+CHUNK_VALUES_ACCELERATOR = 1 << 26
+#: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
+PARALLEL_RANGES = True
 
 
-class _FusedRadialContraction(torch.autograd.Function):
-    # Layout: tmps and outputs are "component-major", tmp_j [E, K_j, K_in_j] and out_j [E, K_j, C_out_j], so each
-    # per-edge product is (small K) x (long K_in) @ (K_in x C_out): the orientation in which batched GEMMs with a
-    # tiny K run several times faster on CPU than [C_out, K_in] @ [K_in, K] (measured: 4-7x for K = 1..7).
+class PartSpec(NamedTuple):
+    """One input degree of a block: which ``x`` and ``Bt`` it uses and where its columns start in ``K_in``."""
+
+    x: int        # index into xs ([E, C, L])
+    bt: int       # index into bts ([E, K*F, L])
+    col: int      # first column of the part in the block's K_in
+    F: int        # radial frequencies of the pair
+    C: int        # input channels
+
+
+class BlockSpec(NamedTuple):
+    """One output-degree block: rows ``[row, row + C_out*K_in)`` of ``W``, output ``[E, K, C_out]``."""
+
+    row: int
+    c_out: int
+    K: int
+    k_in: int
+    parts: Tuple[PartSpec, ...]
+
+
+def _chunk_edges(chunk: Optional[int], width: int, device: torch.device) -> int:
+    """Edges per chunk: at most ``chunk`` (CPU default :data:`DEFAULT_CHUNK`) and the device's value budget."""
+    if device.type == "cpu":
+        budget, chunk = CHUNK_VALUES, DEFAULT_CHUNK if chunk is None else chunk
+    else:  # accelerators want few, large launches; the budget only bounds the buffer (64 Mi values)
+        budget, chunk = CHUNK_VALUES_ACCELERATOR, chunk or (1 << 62)
+    return max(1, min(chunk, budget // max(width, 1)))
+
+
+def _build_tmp(block: BlockSpec, xs, bts, s: int, n: int, tmp: Tensor, pbuf: Tensor) -> Tensor:
+    """``tmp[:n] = [Bt_c @ x_c^T for each part]`` as ``[n, K, K_in]`` (parts side by side)."""
+    t = tmp[:n]
+    if len(block.parts) == 1:
+        p = block.parts[0]
+        torch.bmm(bts[p.bt][s:s + n], xs[p.x][s:s + n].transpose(1, 2), out=t.view(n, block.K * p.F, p.C))
+        return t
+    for p in block.parts:
+        width = p.F * p.C
+        part = torch.bmm(bts[p.bt][s:s + n], xs[p.x][s:s + n].transpose(1, 2), out=pbuf[:n * block.K * width]
+                         .view(n, block.K * p.F, p.C))
+        t[:, :, p.col:p.col + width].copy_(part.view(n, block.K, width))
+    return t
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` (``acc`` may be wider than ``a, b``: float32 sums of bf16 products)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += torch.mm(a, b)
+
+
+# --- edge ranges on CPU worker threads -------------------------------------------------------------------------
+# A chunk's GEMMs are too small to split well over OpenMP threads (measured: 2 threads barely beat 1 on a
+# 25-edge chunk), but independent edge ranges are embarrassingly parallel. With T > 1 intra-op threads the edge
+# range is split into T contiguous parts run by T Python threads (ATen releases the GIL) with one intra-op
+# thread each. Outputs and per-edge gradients of different ranges are disjoint; grad_W is summed per range.
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _worker_pool(size: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers != size:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool = ThreadPoolExecutor(size, thread_name_prefix="se3t-fused")
+    return _pool
+
+
+def _run_ranges(fn: Callable[[int, int], object], E: int, n_max: int, device: torch.device) -> List[object]:
+    """``[fn(lo, hi) for each edge range]``: one range, or one per intra-op thread (CPU, enough chunks)."""
+    threads = torch.get_num_threads() if (PARALLEL_RANGES and device.type == "cpu") else 1
+    chunks = -(-E // n_max)
+    parts = min(threads, chunks // 2)
+    if parts <= 1:
+        return [fn(0, E)]
+    bounds = [min(E, (chunks * i // parts) * n_max) for i in range(parts + 1)]
+
+    def task(i: int):
+        torch.set_num_threads(1)  # this worker's intra-op threads (OpenMP settings are per thread)
+        with torch.no_grad():     # grad mode is per thread too: as in the calling autograd.Function
+            return fn(bounds[i], bounds[i + 1])
+
+    try:
+        return list(_worker_pool(parts).map(task, range(parts)))
+    finally:
+        torch.set_num_threads(threads)  # the global default the workers lowered; this thread's own setting
+
+
+class _FusedConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, chunk: int, specs: Tuple[Spec, ...], h: Tensor, W: Tensor, *tmps: Tensor):
+    def forward(ctx, chunk: Optional[int], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor, h: Tensor,
+                W: Tensor, *xs_bts: Tensor):
+        xs, bts = xs_bts[:num_x], xs_bts[num_x:]
         E = h.shape[0]
         outs = []
-        for (off, c_out, k_in), t in zip(specs, tmps):
-            out = h.new_empty(E, t.shape[1], c_out)
-            Wj_t = W[off:off + c_out * k_in].t()
-            n_max = _chunk_edges(chunk, c_out * k_in)
-            buf = h.new_empty(min(n_max, E), c_out * k_in)
-            for s in range(0, E, n_max):
-                n = min(n_max, E - s)
-                R = torch.mm(h[s:s + n], Wj_t, out=buf[:n]).view(n, c_out, k_in)
-                torch.bmm(t[s:s + n], R.transpose(1, 2), out=out[s:s + n])
+        for b in blocks:
+            out = h.new_empty(E, b.K, b.c_out)
+            Wj_t = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in]).t()
+            n_max = min(_chunk_edges(chunk, b.c_out * b.k_in, h.device), max(E, 1))
+
+            def forward_range(lo: int, hi: int, b=b, out=out, Wj_t=Wj_t, n_max=n_max) -> None:
+                rbuf = h.new_empty(n_max, b.c_out * b.k_in)
+                tmp = h.new_empty(n_max, b.K, b.k_in)
+                pbuf = h.new_empty(n_max * b.K * b.k_in)
+                for s in range(lo, hi, n_max):
+                    n = min(n_max, hi - s)
+                    t = _build_tmp(b, xs, bts, s, n, tmp, pbuf)
+                    R = torch.mm(h[s:s + n], Wj_t, out=rbuf[:n]).view(n, b.c_out, b.k_in)
+                    torch.bmm(t, R.transpose(1, 2), out=out[s:s + n])
+
+            _run_ranges(forward_range, E, n_max, h.device)
             outs.append(out)
-        ctx.chunk, ctx.specs = chunk, specs
-        ctx.save_for_backward(h, W, *tmps)
+        ctx.chunk, ctx.blocks, ctx.num_x = chunk, blocks, num_x
+        ctx.save_for_backward(rows, h, W, *xs_bts)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):
-        h, W, *tmps = ctx.saved_tensors
-        chunk, specs = ctx.chunk, ctx.specs
+        rows, h, W, *xs_bts = ctx.saved_tensors
+        chunk, blocks, num_x = ctx.chunk, ctx.blocks, ctx.num_x
+        xs, bts = xs_bts[:num_x], xs_bts[num_x:]
         E = h.shape[0]
-        need_h, need_W = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        need_t = ctx.needs_input_grad[4:]
+        need_h, need_W = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        need_x = ctx.needs_input_grad[6:6 + num_x]
+        need_bt = ctx.needs_input_grad[6 + num_x:]
         # Accumulate in at least float32 (many chunks; bf16 partial sums would lose bits).
         acc_dtype = torch.promote_types(W.dtype, torch.float32)
         grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
-        grad_W = torch.zeros(W.shape, dtype=acc_dtype, device=W.device) if need_W else None
-        grad_t = [torch.zeros_like(t) if need else None for t, need in zip(tmps, need_t)]
-        for j, ((off, c_out, k_in), t, g_all) in enumerate(zip(specs, tmps, grad_outs)):
+        # grad_W in the kernel's row order; scattered back to the parameter's order at the end.
+        grad_W = torch.zeros(rows.shape[0], W.shape[1], dtype=acc_dtype, device=W.device) if need_W else None
+        # grad_x kept as [E, L, C] (the natural output of Bt^T @ gtmp), returned as a transposed view.
+        grad_x = [x.new_zeros(x.shape[0], x.shape[2], x.shape[1]) if need else None for x, need in zip(xs, need_x)]
+        grad_bt = [torch.zeros_like(bt) if need else None for bt, need in zip(bts, need_bt)]
+        for b, g_all in zip(blocks, grad_outs):
             if g_all is None:
                 continue
             g_all = g_all.contiguous()
-            K = t.shape[1]
-            Wj = W[off:off + c_out * k_in]
-            n_max = _chunk_edges(chunk, c_out * k_in)
-            rbuf = h.new_empty(min(n_max, E), c_out, k_in) if grad_t[j] is not None else None
-            gbuf = h.new_empty(min(n_max, E), c_out, k_in) if (need_h or need_W) else None
-            for s in range(0, E, n_max):
-                n = min(n_max, E - s)
-                hc, g = h[s:s + n], g_all[s:s + n]                      # g: [n, K, C_out]
-                if grad_t[j] is not None:
-                    R = torch.mm(hc, Wj.t(), out=rbuf[:n].view(n, -1)).view(n, c_out, k_in)
-                    torch.bmm(g, R, out=grad_t[j][s:s + n])               # [n, K, K_in]
-                if gbuf is None:
-                    continue
-                if K == 1:  # an outer product: a broadcast multiply beats a GEMM with inner dimension 1
-                    gR = torch.mul(g.transpose(1, 2), t[s:s + n], out=gbuf[:n])
-                else:
-                    gR = torch.bmm(g.transpose(1, 2), t[s:s + n], out=gbuf[:n])  # [n, C_out, K_in]
-                gR = gR.view(n, c_out * k_in)
-                if need_W:
-                    grad_W[off:off + c_out * k_in] += torch.mm(gR.t(), hc)
-                if need_h:
-                    grad_h[s:s + n] += torch.mm(gR, Wj)
+            parts_in = [p for p in b.parts if grad_x[p.x] is not None or grad_bt[p.bt] is not None]
+            Wj = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in])
+            n_max = min(_chunk_edges(chunk, b.c_out * b.k_in, h.device), max(E, 1))
+
+            def backward_range(lo: int, hi: int, b=b, g_all=g_all, parts_in=parts_in, Wj=Wj,
+                               n_max=n_max) -> Optional[Tensor]:
+                rbuf = h.new_empty(n_max, b.c_out * b.k_in)
+                tmp = h.new_empty(n_max, b.K, b.k_in)
+                pbuf = h.new_empty(n_max * b.K * b.k_in)
+                gW = torch.zeros(Wj.shape, dtype=acc_dtype, device=W.device) if need_W else None
+                for s in range(lo, hi, n_max):
+                    n = min(n_max, hi - s)
+                    g = g_all[s:s + n]                                           # [n, K, C_out]
+                    if parts_in:
+                        R = torch.mm(h[s:s + n], Wj.t(), out=rbuf[:n]).view(n, b.c_out, b.k_in)
+                        for p in parts_in:
+                            width = p.F * p.C
+                            gt = torch.bmm(g, R[:, :, p.col:p.col + width], out=pbuf[:n * b.K * width]
+                                           .view(n, b.K, width)).view(n, b.K * p.F, p.C)
+                            if grad_x[p.x] is not None:
+                                grad_x[p.x][s:s + n].baddbmm_(bts[p.bt][s:s + n].transpose(1, 2), gt)
+                            if grad_bt[p.bt] is not None:
+                                grad_bt[p.bt][s:s + n].baddbmm_(gt, xs[p.x][s:s + n])
+                    if not (need_h or need_W):
+                        continue
+                    t = _build_tmp(b, xs, bts, s, n, tmp, pbuf)
+                    if b.K == 1:  # an outer product: a broadcast multiply beats a GEMM with inner dimension 1
+                        gR = torch.mul(g.transpose(1, 2), t, out=rbuf[:n].view(n, b.c_out, b.k_in))
+                    else:
+                        gR = torch.bmm(g.transpose(1, 2), t, out=rbuf[:n].view(n, b.c_out, b.k_in))
+                    gR = gR.view(n, b.c_out * b.k_in)
+                    if need_W:
+                        _accumulate_mm(gW, gR.t(), h[s:s + n])
+                    if need_h:
+                        _accumulate_mm(grad_h[s:s + n], gR, Wj)
+                return gW
+
+            partial_W = _run_ranges(backward_range, E, n_max, h.device)
+            if need_W:
+                grad_W[b.row:b.row + b.c_out * b.k_in] = torch.stack(partial_W).sum(0) if len(partial_W) > 1 \
+                    else partial_W[0]
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
-        grad_W = grad_W.to(W.dtype) if grad_W is not None else None
-        return (None, None, grad_h, grad_W, *grad_t)
+        if grad_W is not None:
+            grad_W = torch.zeros_like(W).index_copy_(0, rows, grad_W.to(W.dtype))
+        grad_x = [gx.transpose(1, 2) if gx is not None else None for gx in grad_x]
+        return (None, None, None, None, grad_h, grad_W, *grad_x, *grad_bt)
 
 
 @torch.compiler.disable  # a hand-scheduled kernel: compiling would unroll its chunk loops (one graph break instead)
-def fused_radial_contraction(h: Tensor, W: Tensor, specs: Sequence[Spec], tmps: Sequence[Tensor],
-                             chunk: int = DEFAULT_CHUNK) -> List[Tensor]:
-    """``out_j[e] = tmp_j[e] @ (W_j @ h[e]).view(C_out, K_in).T`` for every block ``j = (row, C_out, K_in)``.
+def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], xs: Sequence[Tensor],
+               bts: Sequence[Tensor], chunk: Optional[int] = None) -> List[Tensor]:
+    """``out_j[e] = tmp_j[e] @ (W'_j @ h[e]).view(C_out, K_in)^T`` with ``tmp_j[e]`` the parts ``Bt[e] @ x[e]^T``.
 
-    Shapes (component-major): ``h [E, H]``, ``W [P, H]``, ``tmps[j] [E, K_j, K_in_j]`` -> ``out_j [E, K_j, C_out_j]``.
-    Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write
-    into preallocated buffers, which autocast does not handle).
+    Shapes: ``h [E, H]``, ``W [P, H]``, ``rows [P]`` (int64: ``W' = W[rows]`` has the rows of each block ordered
+    ``(c_out, d_in, f, c)``; selected per block, never stored), ``xs[i] [E, C_i, L_i]``, ``bts[k] [E, K*F, L]``
+    -> ``out_j [E, K_j, C_out_j]`` (component-major) for every block ``j``.
+    Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
+    preallocated buffers, which autocast does not handle).
     """
     device_type = h.device.type
+    tensors = [h, W, *xs, *bts]
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
-        dtype = torch.promote_types(h.dtype, W.dtype)
-        for t in tmps:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
     with torch.autocast(device_type, enabled=False):
-        args = [h.to(dtype).contiguous(), W.to(dtype)] + [t.to(dtype).contiguous() for t in tmps]
-        return list(_FusedRadialContraction.apply(max(1, int(chunk)), tuple(specs), *args))
+        args = [h.to(dtype).contiguous(), W.to(dtype).contiguous()]
+        args += [t.to(dtype).contiguous() for t in (*xs, *bts)]
+        chunk = None if chunk is None else max(1, int(chunk))
+        return list(_FusedConv.apply(chunk, tuple(blocks), len(xs), rows, *args))
