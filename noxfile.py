@@ -18,9 +18,9 @@ def _install(session, extras=None):
 
 @nox.session(python="3.11")
 def tests(session):
-    """Every test, with all optional extras (RDKit, qm9pack, matplotlib) installed."""
+    """Every test, with all optional extras (RDKit, qm9pack, matplotlib, se3-transformer-pytorch) installed."""
     _install(session, "all")
-    session.run("pytest", *(session.posargs or ["-q"]), env={"SE3T_REQUIRE": "rdkit,qm9"})
+    session.run("pytest", *(session.posargs or ["-q"]), env={"SE3T_REQUIRE": "rdkit,qm9,peers"})
 
 
 @nox.session(python="3.11")

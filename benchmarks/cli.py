@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--degree-points", type=int, default=None, help="scaling: points of the degree sweep")
         d.add_argument("--max-degree", type=int, default=3, help="scaling: largest max degree of the degree sweep")
         d.add_argument("--neighbours", type=float, default=16.0, help="scaling: expected neighbours per point")
-        d.add_argument("--peer-depth", type=int, default=None, help="peers: attention layers (default 2; quick 1)")
+        d.add_argument("--peer-depth", type=int, default=None,
+                       help="peers: attention blocks on the hidden fiber (se3t has one more, from the input; "
+                            "default 2; quick 1)")
     c = sub.add_parser("compare", help="two result files side by side as ratios (B / A)")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)

@@ -43,6 +43,8 @@ def _available(capability: str) -> bool:
         return importlib.util.find_spec("rdkit") is not None
     if capability == "qm9":
         return importlib.util.find_spec("qm9pack") is not None
+    if capability == "peers":
+        return importlib.util.find_spec("se3_transformer_pytorch") is not None
     if capability == "gpu":
         return torch.cuda.is_available()
     raise pytest.UsageError(f"SE3T_REQUIRE: unknown capability {capability!r}")
