@@ -201,9 +201,12 @@ def test_conv_gradcheck_positions():
     assert torch.autograd.gradcheck(lambda p: fn(x, p, {})[1], (pos.requires_grad_(True),))
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 1000])
-def test_fused_kernel_chunks_match_reference_path(chunk):
-    """FULL (fused radial + contraction, chunked custom autograd) against NONE (plain autograd), many chunks."""
+@pytest.mark.parametrize("chunk, group", [(1, 4), (7, 7), (3, 256), (1000, 256)])
+def test_fused_kernel_chunks_match_reference_path(chunk, group, monkeypatch):
+    """FULL (fused radial + contraction, chunked custom autograd) against NONE (plain autograd), many chunks and
+    groups of chunks (several edge ranges on worker threads when torch has more than one thread)."""
+    from se3t.nn import fused
+    monkeypatch.setattr(fused, "GROUP_EDGES", group)
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True,
                     use_layer_norm=True).double()
     layer.chunk_size = chunk
@@ -224,13 +227,14 @@ def test_fused_kernel_chunks_match_reference_path(chunk):
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_fused_kernel_gradcheck(parallel, monkeypatch):
-    """The fused kernel alone, every input (radial hidden, weights, features, bases), several chunks and parts,
-    on the calling thread and split over worker threads."""
+@pytest.mark.parametrize("parallel, chunk, group", [(False, 2, 4), (True, 2, 2), (True, 1, 3)])
+def test_fused_kernel_gradcheck(parallel, chunk, group, monkeypatch):
+    """The fused kernel alone, every input (radial hidden, weights, features, bases), several chunks, groups of
+    chunks and parts, on the calling thread and split over worker threads."""
     from se3t.nn import fused
     from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
     monkeypatch.setattr(fused, "PARALLEL_RANGES", parallel)
+    monkeypatch.setattr(fused, "GROUP_EDGES", group)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # workers even on a one-core runner
     E = 9
     g = torch.Generator().manual_seed(0)
@@ -245,8 +249,25 @@ def test_fused_kernel_gradcheck(parallel, monkeypatch):
     W = rnd(22 + 9, 4)
     rows = torch.randperm(W.shape[0], generator=g)  # any row order the conv asks for
     n = len(xs)
-    assert torch.autograd.gradcheck(lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=2),
+    assert torch.autograd.gradcheck(lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk),
                                     (h, W, *xs, *bts))
+
+
+def test_fused_kernel_in_inference_mode_on_worker_threads(monkeypatch):
+    """Under torch.inference_mode the worker threads write into inference tensors: same result as no_grad."""
+    from se3t.nn import fused
+    monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, self_interaction=True).double()
+    layer.chunk_size = 1
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=14)
+    fn = _conv_fn(layer, ei, 2)
+    with torch.no_grad():
+        ref = fn(x, pos, e)
+    with torch.inference_mode():
+        out = fn(x, pos, e)
+    for d in ref:
+        assert torch.equal(out[d], ref[d])
 
 
 def test_fused_kernel_under_bf16_autocast_close_to_fp32():

@@ -11,8 +11,9 @@ executed as two batched matmuls, ``tmp = x @ B`` then ``out = R @ tmp``. Two ind
   degree, ``"pair"`` one per ``(d_in, d_out)``.
 * ``fuse_level`` - how the contractions are grouped (never changes the outputs beyond rounding):
   ``NONE`` two matmuls per pair (the reference path); ``PARTIAL`` one ``R @ tmp`` per output degree over all
-  input degrees; ``FULL`` the radial MLP's last layer fused into that contraction, edge chunk by edge chunk,
-  so the per-edge kernel weights ``R`` are never stored (:mod:`se3t.nn.fused`). A level is "the most fusion allowed": parts whose radial weights live in
+  input degrees; ``FULL`` ``x @ B``, the radial MLP's last layer and the contraction in one kernel, edge chunk
+  by edge chunk, so neither the per-edge kernel weights ``R`` nor ``tmp`` are ever stored
+  (:mod:`se3t.nn.fused`). A level is "the most fusion allowed": parts whose radial weights live in
   different MLPs are contracted separately.
 
 Layout of a radial MLP's output, per edge: for each of its output degrees (ascending), a row-major block
