@@ -5,11 +5,20 @@ Inputs are plain dicts of tensors (see :mod:`benchmarks.data`) so the child proc
 ``node_feats [N, Fn]``, ``pos [N, 3]``, ``edge_index [2, E]``, ``edge_feats [E, Fe]`` (may have ``Fe = 0``),
 ``graph_index [N]``, ``num_graphs``, ``graph_mask [G]``, ``node_mask [N]``, ``y`` (``[G]`` for graph targets,
 ``[N]`` for node targets), ``num_real_graphs``, ``num_real_nodes``, ``num_real_edges``.
+
+With ``compile_model=True`` the timed model is ``torch.compile(model, dynamic=False)``: padded batches come in a few
+static shapes, so each distinct shape compiles once, in a first step per shape that runs before the warm-up and the
+timed steps (its wall time, the shapes and dynamo's graph and graph-break counts go to ``compile_stats``). Each
+compiled cell compiles into a fresh inductor cache folder, so the first steps pay the whole compilation whatever
+earlier runs left in the machine's cache. The equivariance check and the FLOP count use the eager model.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List, Optional
+import tempfile
+import time
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +30,7 @@ from .flops import model_flops
 from .machine import gemm_rate, precision_context, sync
 from .runner import PeakMemory, latency_stats, time_steps
 
-__all__ = ["build_model", "se3t_cell", "model_inputs"]
+__all__ = ["build_model", "se3t_cell", "model_inputs", "shape_key"]
 
 
 def build_model(kind: str, config: dict, fuse_level: str, low_memory: bool, seed: int = 0) -> torch.nn.Module:
@@ -42,6 +51,11 @@ def model_inputs(batch: dict) -> dict:
     if batch["edge_feats"].shape[1]:
         inputs["edge_feats"] = {0: batch["edge_feats"][..., None]}
     return inputs
+
+
+def shape_key(batch: dict) -> tuple:
+    """What a ``dynamic=False`` compiled model specialises on: padded nodes, padded edges, graphs (padded)."""
+    return int(batch["pos"].shape[0]), int(batch["edge_index"].shape[1]), int(batch["num_graphs"])
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -84,17 +98,81 @@ def _accuracy(model, kind: str, batch: dict, precision: str, device: torch.devic
             "num_nodes": int(b["num_real_nodes"]), "rotations": 3}
 
 
+def _dynamo_counts() -> Dict[str, int]:
+    """Dynamo's graphs compiled, graph breaks met while tracing and frames it stopped recompiling (over
+    ``torch._dynamo.config.recompile_limit``: they run eagerly), so far in this process (or since a reset)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "recompile_limit_hits": int(sum(n for msg, n in counters["unimplemented"].items()
+                                            if "recompile limit" in str(msg).lower()))}
+
+
+def _graph_break_reasons(limit: int = 5) -> Dict[str, int]:
+    """The most frequent graph-break reasons (first line of each, truncated) and how often tracing met them."""
+    from torch._dynamo.utils import counters
+
+    reasons: Dict[str, int] = {}
+    for reason, n in counters["graph_break"].most_common(limit):
+        line = str(reason).strip().splitlines()[0][:200] if str(reason).strip() else "?"
+        reasons[line] = reasons.get(line, 0) + int(n)
+    return reasons
+
+
+def _compile(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model, dynamic=False)`` with dynamo's caches and counters cleared, so that what the cell
+    records counts this model only (cells may share a process with ``--no-isolate``)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return torch.compile(model, dynamic=False)
+
+
+@contextlib.contextmanager
+def _fresh_compile_cache(enabled: bool) -> Iterator[None]:
+    """A new, empty inductor cache folder while compiled code is built (removed afterwards): compilation is timed
+    cold, as on a machine's first run, not as a load from the on-disk caches of earlier runs."""
+    if not enabled:
+        yield
+        return
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    with tempfile.TemporaryDirectory(prefix="se3t-inductor-") as folder, temporary_cache_dir(folder):
+        yield
+
+
+def _first_step_per_shape(step: Callable[[int], None], batches: List[dict], device: torch.device) -> Dict:
+    """Run ``step`` once on the first batch of every distinct shape (each compiles one set of graphs), timing each:
+    afterwards no timed step meets a new shape."""
+    first: Dict[tuple, int] = {}
+    for i, b in enumerate(batches):
+        first.setdefault(shape_key(b), i)
+    seconds = []
+    for i in first.values():
+        sync(device)
+        t = time.perf_counter()
+        step(i)
+        sync(device)
+        seconds.append(time.perf_counter() - t)
+    return {"shapes": len(first), "shape_list": sorted(first), "first_steps_s": seconds,
+            "first_steps_total_s": sum(seconds)}
+
+
 def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optional[dict], mode: str, fuse_level: str,
               precision: str, low_memory: bool, scatter_backend: str, device: str, warmup: int, repeats: int,
               max_seconds: Optional[float] = None, seed: int = 0, item: str = "graphs",
-              measure_gemm: bool = True, gemm_size: int = 2048) -> Dict:
-    """Measure one cell: ``mode`` ``"train"`` (forward + L1 loss + backward + AdamW step) or ``"infer"``."""
+              measure_gemm: bool = True, gemm_size: int = 2048, compile_model: bool = False) -> Dict:
+    """Measure one cell: ``mode`` ``"train"`` (forward + L1 loss + backward + AdamW step) or ``"infer"``;
+    ``compile_model``: time ``torch.compile(model, dynamic=False)`` (see the module docstring)."""
     dev = torch.device(device)
     model = build_model(kind, config, fuse_level, low_memory, seed).to(dev)
     result: Dict = {"num_parameters": sum(p.numel() for p in model.parameters())}
-    with se3t.scatter.use_backend(scatter_backend):
-        if eq_batch is not None:
+    with se3t.scatter.use_backend(scatter_backend), _fresh_compile_cache(compile_model):
+        if eq_batch is not None:  # always the eager model: compiling does not change what it computes
             result["equivariance"] = _accuracy(model, kind, eq_batch, precision, dev, fuse_level)
+        run_model = _compile(model) if compile_model else model
         dev_batches = [_to(b, dev) for b in batches]
         inputs = [model_inputs(b) for b in dev_batches]
         training = mode == "train"
@@ -107,7 +185,7 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
                 b = dev_batches[i]
                 opt.zero_grad(set_to_none=True)
                 with precision_context(precision, dev):
-                    pred = _prediction(model, kind, b, inputs[i])
+                    pred = _prediction(run_model, kind, b, inputs[i])
                 mask = b["graph_mask"] if kind == "pooled" else b["node_mask"]
                 loss = F.l1_loss(pred, b["y"][mask].float())
                 if scaler is not None:
@@ -121,16 +199,24 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
             model.eval()
 
             def step(i: int) -> None:
-                with torch.inference_mode(), precision_context(precision, dev):
-                    model(**inputs[i])
+                with torch.inference_mode(), precision_context(precision, dev):  # compiles under it too
+                    run_model(**inputs[i])
 
         if measure_gemm:  # the machine's GEMM rate now, in this process and precision: the utilisation ceiling
             result["gemm"] = gemm_rate(precision, dev, n=gemm_size, repeats=3)
         memory = PeakMemory(dev)
-        memory.start()
+        memory.start()  # compiling counts towards peak memory: a compiled run needs that memory too
+        if compile_model:
+            stats = _first_step_per_shape(step, dev_batches, dev)
+            before = _dynamo_counts()
         timing = time_steps(step, len(dev_batches), warmup=warmup, repeats=repeats, device=dev,
                             max_seconds=max_seconds)
         result["memory"] = memory.stop()
+        if compile_model:
+            after = _dynamo_counts()
+            stats.update(after, graphs_compiled_after_first_steps=after["unique_graphs"] - before["unique_graphs"],
+                         graph_break_reasons=_graph_break_reasons())
+            result["compile_stats"] = stats
     sync(dev)
     seconds, used = timing["seconds"], [batches[i] for i in timing["indices"]]
     total = sum(seconds)

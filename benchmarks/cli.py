@@ -1,6 +1,7 @@
 """``python -m benchmarks``: run a suite, compare two result files, or print the README table.
 
     python -m benchmarks qm9 [--quick] [--device auto|cpu|cuda] [--repeats N] [--warmup N] [--out DIR] ...
+    python -m benchmarks qm9 --levels FULL --compile off,on  # eager against torch.compile(model, dynamic=False)
     python -m benchmarks scaling --quick
     python -m benchmarks peers
     python -m benchmarks all
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--no-isolate", action="store_true",
                        help="run cells in this process (faster; CPU peak memory less exact)")
         g.add_argument("--cell-timeout", type=float, default=None, help="seconds before a cell is killed "
-                                                                        "(default 1800; quick: 300)")
+                                                                        "(default 1800; quick: 300, or 900 with "
+                                                                        "--compile on)")
         g.add_argument("--max-cell-seconds", type=float, default=None,
                        help="stop a cell's timed loop after this many seconds (at least one timed step)")
         g.add_argument("--max-step-seconds", type=float, default=None,
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="levels measured with low_memory=on (default: the model's default level; 'all')")
         f.add_argument("--scatter-backends", type=_csv(), default=None, help="default: every se3t.scatter backend")
         f.add_argument("--modes", type=_csv(), default=None, help="train,infer (default both)")
+        f.add_argument("--compile", type=_csv(_onoff), default=None,
+                       help="qm9: off (eager), on (torch.compile(model, dynamic=False): one compilation per padded "
+                            "batch shape, before the timed steps) or off,on (default off)")
         d = s.add_argument_group("model and data")
         d.add_argument("--model", choices=("paper", "tiny"), default="paper", help="qm9: the paper model or a tiny one")
         d.add_argument("--data", choices=("qm9", "synthetic"), default="qm9",
@@ -124,8 +129,10 @@ def _defaults(args, suite: str, device: torch.device) -> None:
         args.repeats = 2 if quick else 5
     if args.warmup is None:
         args.warmup = 1 if quick else 2
-    if args.cell_timeout is None:
-        args.cell_timeout = 300.0 if quick else 1800.0
+    if args.compile is None:
+        args.compile = [False]
+    if args.cell_timeout is None:  # compiling the paper model takes minutes per batch shape on a few CPU cores
+        args.cell_timeout = (900.0 if any(args.compile) else 300.0) if quick else 1800.0
     if args.precisions is None:
         args.precisions = (["fp32"] if quick else ["fp32", "tf32", "fp16", "bf16"] if cuda else ["fp32", "bf16"])
         if suite in ("scaling", "peers"):
@@ -155,8 +162,8 @@ def _defaults(args, suite: str, device: torch.device) -> None:
 def _settings(args) -> dict:
     keep = ("device", "threads", "repeats", "warmup", "quick", "seed", "cell_timeout", "max_cell_seconds",
             "mem_limit_gb", "max_step_seconds", "levels", "precisions", "batch_sizes", "low_memory", "low_memory_levels",
-            "scatter_backends", "modes", "model", "data", "num_batches", "sizes", "degree_points", "max_degree",
-            "neighbours", "peer_depth", "gemm_size")
+            "compile", "scatter_backends", "modes", "model", "data", "num_batches", "sizes", "degree_points",
+            "max_degree", "neighbours", "peer_depth", "gemm_size")
     s = {k: getattr(args, k, None) for k in keep}
     s["isolated_cells"] = not args.no_isolate
     return s

@@ -1,9 +1,11 @@
 """The ``qm9`` suite: the paper model (SPEC §5) on random real QM9 padded batches.
 
-Grid: mode (train, infer) x fusion level (every ``se3t.FuseLevel``) x precision x low-memory x batch size x scatter
-backend. ``low_memory=on`` is measured at the levels of ``--low-memory-levels`` (default: the model's default
+Grid: mode (train, infer) x fusion level (every ``se3t.FuseLevel``) x precision x low-memory x compile x batch size x
+scatter backend. ``low_memory=on`` is measured at the levels of ``--low-memory-levels`` (default: the model's default
 level); inference cells with ``low_memory=on`` are recorded as skipped (checkpointing only acts under autograd,
-so they would measure the same code as ``off``).
+so they would measure the same code as ``off``). ``compile=on`` (``--compile off,on``; default off only) times
+``torch.compile(model, dynamic=False)``: one compilation per distinct padded batch shape, before the timed steps
+(see :mod:`benchmarks.cells`).
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
     backends = scatter_backends()
     cells: List[Cell] = []
     for g in grid(batch_size=args.batch_sizes, scatter_backend=args.scatter_backends or list(backends),
-                  precision=args.precisions, fuse_level=levels, low_memory=args.low_memory, mode=args.modes):
+                  precision=args.precisions, fuse_level=levels, low_memory=args.low_memory,
+                  compile=getattr(args, "compile", None) or [False], mode=args.modes):
         cell = Cell(suite="qm9", model=args.model, **g)
         why = precision_supported(g["precision"], device) or backends.get(g["scatter_backend"],
                                                                           "unknown scatter backend")
@@ -79,6 +82,7 @@ def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
                 kind="pooled", config=config, batches=batches, eq_batch=None if args.no_equivariance else eq,
                 mode=g["mode"], fuse_level=g["fuse_level"], precision=g["precision"], low_memory=g["low_memory"],
                 scatter_backend=g["scatter_backend"], device=str(device), warmup=args.warmup, repeats=args.repeats,
-                max_seconds=args.max_cell_seconds, seed=args.seed, item="graphs", gemm_size=args.gemm_size))
+                max_seconds=args.max_cell_seconds, seed=args.seed, item="graphs", gemm_size=args.gemm_size,
+                compile_model=g["compile"]))
         cells.append(cell)
     return cells

@@ -8,13 +8,16 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 __all__ = ["markdown", "plot", "compare", "readme_table", "cell_key", "fmt_bytes", "utilisation"]
 
-_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "batch_size", "scatter_backend",
-               "sweep", "num_points", "max_degree")
+_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "compile", "batch_size",
+               "scatter_backend", "sweep", "num_points", "max_degree")
+#: key fields left out of the key at this value: result files written before the field existed match these cells.
+_KEY_DEFAULTS = {"compile": False}
 
 
 def cell_key(cell: dict) -> Tuple:
     """What identifies a cell across result files."""
-    return tuple((k, cell.get(k)) for k in _KEY_FIELDS if cell.get(k) is not None)
+    return tuple((k, cell.get(k)) for k in _KEY_FIELDS
+                 if cell.get(k) is not None and not (k in _KEY_DEFAULTS and cell.get(k) == _KEY_DEFAULTS[k]))
 
 
 def fmt_bytes(n: Optional[float]) -> str:
@@ -54,6 +57,16 @@ def _lowmem(v) -> str:
     return "-" if v is None else ("on" if v else "off")
 
 
+def _any_compiled(result: dict) -> bool:
+    return any(c.get("compile") for c in result["cells"])
+
+
+def _eager_twin(cell: dict, result: dict) -> Optional[dict]:
+    """The cell of ``result`` with the same settings as the compiled ``cell`` but not compiled."""
+    key = cell_key(dict(cell, compile=False))
+    return next((c for c in result["cells"] if not c.get("compile") and cell_key(c) == key), None)
+
+
 def _header(result: dict) -> List[str]:
     m, v = result["machine"], result["versions"]
     gpu = f", GPU {m['gpu']['name']}" if m.get("gpu") else ""
@@ -75,9 +88,10 @@ def _header(result: dict) -> List[str]:
     return lines + [""]
 
 
-def _row_common(c: dict) -> List[str]:
-    return [c.get("mode") or "-", c.get("fuse_level") or "-", c.get("precision") or "-", _lowmem(c.get("low_memory")),
-            str(c.get("batch_size") or "-"), c.get("scatter_backend") or "-"]
+def _row_common(c: dict, compile_column: bool = False) -> List[str]:
+    return [c.get("mode") or "-", c.get("fuse_level") or "-", c.get("precision") or "-", _lowmem(c.get("low_memory"))] \
+        + ([_lowmem(c.get("compile"))] if compile_column else []) \
+        + [str(c.get("batch_size") or "-"), c.get("scatter_backend") or "-"]
 
 
 _REASONS: Dict[str, int] = {}
@@ -89,9 +103,10 @@ def _footnote(cell: dict) -> str:
 
 
 def _cells_table(result: dict) -> List[str]:
-    cols = ["mode", "level", "precision", "low-mem", "batch", "scatter", "status", "throughput", "median ms",
-            "p90 ms", "p99 ms", "peak mem", "mem growth", "GFLOP/s", "% GEMM", "% GEMM (ref-fused)", "equiv. err",
-            "dev vs fp32", "load"]
+    compiled = _any_compiled(result)  # the compile column only in runs with compiled cells
+    cols = (["mode", "level", "precision", "low-mem"] + (["compile"] if compiled else [])
+            + ["batch", "scatter", "status", "throughput", "median ms", "p90 ms", "p99 ms", "peak mem", "mem growth",
+               "GFLOP/s", "% GEMM", "% GEMM (ref-fused)", "equiv. err", "dev vs fp32", "load"])
     extra = result["suite"] in ("scaling", "peers")
     if extra:
         cols = ["model", "sweep", "points", "edges", "L"] + cols if result["suite"] == "scaling" else ["model"] + cols
@@ -106,7 +121,7 @@ def _cells_table(result: dict) -> List[str]:
         fl = (c.get("flops") or {}).get("pairwise") or {}
         eq = c.get("equivariance") or {}
         u, uf = utilisation(c, result), utilisation(c, result, "fused")
-        row = _row_common(c) + [
+        row = _row_common(c, compiled) + [
             c["status"] if ok else f"{c['status']} ({_footnote(c)})",
             f"{_num(tp.get('value'))} {tp.get('unit', '')}" if ok else "-",
             _ms(lat.get("median")), _ms(lat.get("p90")), _ms(lat.get("p99")),
@@ -121,6 +136,36 @@ def _cells_table(result: dict) -> List[str]:
         elif result["suite"] == "peers":
             row = [c.get("model")] + row
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
+    return lines
+
+
+def _compile_table(result: dict) -> List[str]:
+    """Compiled cells against their eager twins: speedup, the compiling first steps, shapes, graphs, graph breaks."""
+    cells = [c for c in result["cells"] if c.get("compile") and c["status"] not in ("unsupported", "skipped")]
+    if not cells:
+        return []
+    lines = ["", "torch.compile (`dynamic=False`): each compiled cell against the eager cell with the same settings. "
+                 "First steps: one step on the first batch of each distinct padded shape, before the warm-up; they "
+                 "compile every graph and are excluded from the timings (and included in peak memory). Graphs: "
+                 "graphs dynamo compiled in the cell (`unique_graphs`); graph breaks: breaks met while tracing (the "
+                 "fused conv kernel is one by design); later: graphs compiled after the first steps (0: no timed "
+                 "step recompiled).", "",
+             "| mode | level | precision | low-mem | batch | scatter | eager | compiled | speedup | median ms eager | "
+             "median ms compiled | first steps s | shapes | graphs | graph breaks | later |",
+             "|" + "---|" * 16]
+    for c in cells:
+        eager = _eager_twin(c, result)
+        tp = c["throughput"]["value"] if c["status"] == "ok" else None
+        tp_eager = eager["throughput"]["value"] if eager and eager["status"] == "ok" else None
+        st = c.get("compile_stats") or {}
+        row = _row_common(c) + [
+            f"{_num(tp_eager)} {eager['throughput']['unit']}" if tp_eager else (eager or {}).get("status", "-"),
+            f"{_num(tp)} {c['throughput']['unit']}" if tp else f"{c['status']} ({_footnote(c)})",
+            _ratio(tp_eager, tp),
+            _ms(eager["latency_s"]["median"]) if tp_eager else "-", _ms(c["latency_s"]["median"]) if tp else "-",
+            _num(st.get("first_steps_total_s")), str(st.get("shapes", "-")), str(st.get("unique_graphs", "-")),
+            str(st.get("graph_breaks", "-")), str(st.get("graphs_compiled_after_first_steps", "-"))]
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
@@ -139,6 +184,7 @@ def markdown(result: dict) -> str:
               "dev vs fp32: relative deviation from the fp32 output at level NONE. Load: the machine's 1-minute load "
               "average when the cell started (above the thread count, other processes competed for the cores).", ""]
     lines += _cells_table(result)
+    lines += _compile_table(result)
     if _REASONS:
         lines += [""] + [f"- note {n}: {reason}" for reason, n in _REASONS.items()]
     not_run = defaultdict(list)
@@ -205,6 +251,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> Dict[str, Path]:
             series: Dict[str, Dict[str, float]] = defaultdict(dict)
             for c in cells:
                 name = c["precision"] + (" low-mem" if c.get("low_memory") else "")
+                name += " compiled" if c.get("compile") else ""
                 if result["suite"] == "peers":
                     name = f"{c['model'].split('/')[-1]} {c['precision']}"
                 if len({c.get("batch_size") for c in cells}) > 1 and result["suite"] == "qm9":
@@ -224,7 +271,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> Dict[str, Path]:
         series = defaultdict(dict)
         for c in cells:
             name = (f"{c['model'].split('/')[-1]} " if result["suite"] == "peers" else "") + c["precision"] + \
-                (" low-mem" if c.get("low_memory") else "")
+                (" low-mem" if c.get("low_memory") else "") + (" compiled" if c.get("compile") else "")
             series[name][str(c[key])] = c["memory"]["peak_bytes"] / 2 ** 30
         _bar_chart(ax, groups, dict(series), "peak memory (GiB)",
                    f"{cells[0]['mode'] if cells else ''}: peak memory by {key.replace('_', ' ')}")
@@ -286,8 +333,8 @@ def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
              "mem B/A |", "|---|---|---|---|---|---|---|---|"]
     for key in list(dict.fromkeys(list(ia) + list(ib))):
         ca, cb = ia.get(key), ib.get(key)
-        label = " ".join(f"{v}" if k != "low_memory" else f"lowmem={_lowmem(v)}" for k, v in key
-                         if k not in ("suite",))
+        label = " ".join(f"lowmem={_lowmem(v)}" if k == "low_memory" else "compiled" if k == "compile" else f"{v}"
+                         for k, v in key if k not in ("suite",))
 
         def tp(c):
             return c["throughput"]["value"] if c and c["status"] == "ok" else None
@@ -316,7 +363,10 @@ def readme_table(result: dict, source: str = "") -> str:
         if c["status"] in ("unsupported",) or (c["status"] == "skipped" and c.get("mode") == "infer"
                                                and c.get("low_memory")):
             continue
-        key = (c.get("model"), c.get("fuse_level"), c.get("precision"), c.get("low_memory"), c.get("batch_size"),
+        level = c.get("fuse_level")
+        if level and c.get("compile"):
+            level += " + compile"
+        key = (c.get("model"), level, c.get("precision"), c.get("low_memory"), c.get("batch_size"),
                c.get("scatter_backend"))
         rows.setdefault(key, {})[c["mode"]] = c
     multi_backend = len({k[5] for k in rows}) > 1
