@@ -85,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "ceiling (default 2048)")
         g.add_argument("--no-plots", action="store_true")
         f = s.add_argument_group("grid filters (comma-separated lists)")
-        f.add_argument("--levels", type=_csv(_level), default=None, help="fusion levels (default: every FuseLevel)")
+        f.add_argument("--levels", type=_csv(_level), default=None, help="fusion levels (default: every FuseLevel; quick: the model's default)")
         f.add_argument("--precisions", type=_csv(), default=None,
                        help="fp32, tf32, fp16, bf16 (default: CPU fp32,bf16; CUDA all four)")
         f.add_argument("--batch-sizes", type=_csv(int), default=None, help="molecules per batch (default 100)")
         f.add_argument("--low-memory", type=_csv(_onoff), default=None, help="on,off (default both)")
         f.add_argument("--low-memory-levels", type=_csv(str), default=None,
                        help="levels measured with low_memory=on (default: the model's default level; 'all')")
-        f.add_argument("--scatter-backends", type=_csv(), default=None, help="default: every se3t.scatter backend")
+        f.add_argument("--scatter-backends", type=_csv(), default=None, help="default: every se3t.scatter backend; quick: torch")
         f.add_argument("--modes", type=_csv(), default=None, help="train,infer (default both)")
         f.add_argument("--compile", type=_csv(_onoff), default=None,
                        help="qm9: off (eager), on (torch.compile(model, dynamic=False): one compilation per padded "
@@ -153,6 +153,13 @@ def _defaults(args, suite: str, device: torch.device) -> None:
             args.degree_points = 500 if quick else 2000
         if quick and args.max_cell_seconds is None:
             args.max_cell_seconds = 15.0
+    if quick and suite == "qm9":  # the default level on the default backend: NONE/PARTIAL take minutes per step
+        if args.levels is None:
+            from .suite import default_fuse_level  # noqa: PLC0415  (imports se3t)
+
+            args.levels = [default_fuse_level()]
+        if args.scatter_backends is None:
+            args.scatter_backends = ["torch"]
     if args.peer_depth is None:
         args.peer_depth = 1 if quick else 2
     if args.quick and args.num_batches == 4:
