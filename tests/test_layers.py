@@ -270,6 +270,43 @@ def test_fused_kernel_in_inference_mode_on_worker_threads(monkeypatch):
         assert torch.equal(out[d], ref[d])
 
 
+def _fused_layer_in_child(queue) -> None:
+    torch.set_num_threads(1)  # as DataLoader workers do: OpenMP itself does not survive a fork
+    layer, ei, x, pos, e = _FORK_CASE
+    queue.put({d: v.tolist() for d, v in _conv_fn(layer, ei, 2)(x, pos, e).items()})
+
+
+_FORK_CASE = None
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_fused_kernel_works_in_a_forked_child_after_the_parent_used_worker_threads(monkeypatch):
+    """A fork after the worker pool started must not hang the child (it gets a fresh pool)."""
+    import multiprocessing as mp
+    from se3t.nn import fused
+    global _FORK_CASE
+    monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 2}), FIBER_EDGE).double()
+    layer.chunk_size = 1
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=14)
+    ref = _conv_fn(layer, ei, 2)(x, pos, e)        # the parent's pool now has live threads
+    assert fused._pool is not None
+    _FORK_CASE = (layer, ei, x, pos, e)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_fused_layer_in_child, args=(queue,))
+    child.start()
+    try:
+        out = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    for d in ref:
+        assert torch.allclose(torch.tensor(out[d], dtype=torch.float64), ref[d], atol=1e-12)
+
+
 def test_fused_kernel_under_bf16_autocast_close_to_fp32():
     layer = ConvSE3(FIBER_IN, Fiber({0: 4, 1: 4}), FIBER_EDGE, use_layer_norm=True)
     pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)

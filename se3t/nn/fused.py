@@ -24,6 +24,7 @@ with plain autograd; tests compare the two in forward and backward, and gradchec
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -109,6 +110,15 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 # range is split into T contiguous parts run by T Python threads (ATen releases the GIL) with one intra-op
 # thread each. Outputs and per-edge gradients of different ranges are disjoint; grad_W is summed per range.
 _pool: Optional[ThreadPoolExecutor] = None
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child (e.g. a DataLoader worker) inherits the executor but not its threads: it would wait forever.
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _worker_pool(size: int) -> ThreadPoolExecutor:
