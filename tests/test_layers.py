@@ -207,6 +207,7 @@ def test_fused_kernel_chunks_match_reference_path(chunk, group, monkeypatch):
     groups of chunks (several edge ranges on worker threads when torch has more than one thread)."""
     from se3t.nn import fused
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True,
                     use_layer_norm=True).double()
     layer.chunk_size = chunk
@@ -235,6 +236,7 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, monkeypatch):
     from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
     monkeypatch.setattr(fused, "PARALLEL_RANGES", parallel)
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # workers even on a one-core runner
     E = 9
     g = torch.Generator().manual_seed(0)
@@ -257,6 +259,7 @@ def test_fused_kernel_in_inference_mode_on_worker_threads(monkeypatch):
     """Under torch.inference_mode the worker threads write into inference tensors: same result as no_grad."""
     from se3t.nn import fused
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, self_interaction=True).double()
     layer.chunk_size = 1
@@ -286,6 +289,7 @@ def test_fused_kernel_works_in_a_forked_child_after_the_parent_used_worker_threa
     from se3t.nn import fused
     global _FORK_CASE
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 2}), FIBER_EDGE).double()
     layer.chunk_size = 1

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "DEFAULT_CHUNK", "CHUNK_VALUES", "CHUNK_VALUES_ACCELERATOR",
-           "GROUP_EDGES", "PARALLEL_RANGES"]
+           "GROUP_EDGES", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES"]
 
 #: Most edges per chunk on CPU.
 DEFAULT_CHUNK = 64
@@ -44,6 +44,8 @@ GROUP_EDGES = 256
 CHUNK_VALUES_ACCELERATOR = 1 << 26
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
 PARALLEL_RANGES = True
+#: ... when a block has at least this many kernel weights over all its edges (below, the hand-off costs more).
+PARALLEL_MIN_VALUES = 1 << 21
 
 
 class PartSpec(NamedTuple):
@@ -130,9 +132,13 @@ def _worker_pool(size: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def _run_ranges(fn: Callable[[int, int], object], E: int, n_max: int, device: torch.device) -> List[object]:
-    """``[fn(lo, hi) for each edge range]``: one range, or one per intra-op thread (CPU, enough chunks)."""
+def _run_ranges(fn: Callable[[int, int], object], E: int, n_max: int, device: torch.device,
+                values: int) -> List[object]:
+    """``[fn(lo, hi) for each edge range]``: one range, or one per intra-op thread (CPU, enough chunks and at
+    least :data:`PARALLEL_MIN_VALUES` kernel weights in all, so small layers do not pay for the hand-off)."""
     threads = torch.get_num_threads() if (PARALLEL_RANGES and device.type == "cpu") else 1
+    if values < PARALLEL_MIN_VALUES:
+        threads = 1
     chunks = -(-E // n_max)
     parts = min(threads, chunks // 2)
     if parts <= 1:
@@ -181,7 +187,7 @@ class _FusedConv(torch.autograd.Function):
                         R = torch.mm(h[S + s:S + s + n], Wj_t, out=rbuf[:n]).view(n, b.c_out, b.k_in)
                         torch.bmm(t[s:s + n], R.transpose(1, 2), out=out[S + s:S + s + n])
 
-            _run_ranges(forward_range, E, group, h.device)
+            _run_ranges(forward_range, E, group, h.device, E * b.c_out * b.k_in)
             outs.append(out)
         ctx.chunk, ctx.blocks, ctx.num_x = chunk, blocks, num_x
         ctx.save_for_backward(rows, h, W, *xs_bts)
@@ -254,7 +260,7 @@ class _FusedConv(torch.autograd.Function):
                             grad_bt[p.bt][S:S + m].baddbmm_(gt, xs[p.x][S:S + m])
                 return gW
 
-            partial_W = _run_ranges(backward_range, E, group, h.device)
+            partial_W = _run_ranges(backward_range, E, group, h.device, E * b.c_out * b.k_in)
             if need_W:
                 grad_W[b.row:b.row + b.c_out * b.k_in] = torch.stack(partial_W).sum(0) if len(partial_W) > 1 \
                     else partial_W[0]
