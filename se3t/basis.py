@@ -9,8 +9,8 @@ with ``Y_J`` e3nn's real spherical harmonics (``normalize=True``, ``normalizatio
 are produced by a single GEMM ``Y @ M`` with a constant, cached matrix ``M``.
 
 Layout: one contiguous block per input degree, ``[E, 2*d_in+1, W_in]`` with columns ordered by
-``(d_out, f, m_out)``; every pair is a strided view of its block. This gives both the per-pair bases and the
-per-input-degree concatenations that the fused convolution uses, without copies.
+``(d_out, f, m_out)``; every pair is a strided view of its block (no copies). The fused convolution reads each
+pair in its own layout, :meth:`Basis.kernel_major` (a cached copy).
 """
 from __future__ import annotations
 
@@ -128,8 +128,8 @@ def _projection(max_degree: int, d_in: int, dtype: torch.dtype, device: torch.de
 class Basis(Mapping):
     """Kernel bases of one edge set: a read-only mapping ``(d_in, d_out) -> Tensor[E, 2d_in+1, F, 2d_out+1]``.
 
-    Internally one block per input degree (see the module docstring); :meth:`input_block` gives the block
-    that the fused convolution multiplies with, :meth:`pair_matrix` the ``[E, 2d_in+1, F*(2d_out+1)]`` view.
+    Internally one block per input degree (see the module docstring); :meth:`pair_matrix` gives the
+    ``[E, 2d_in+1, F*(2d_out+1)]`` view, :meth:`kernel_major` the fused convolution's layout.
     Build with :func:`get_basis`, from a plain dict with :meth:`from_pairs`, join per-molecule bases with
     :meth:`cat`.
     """
@@ -170,17 +170,13 @@ class Basis(Mapping):
         col, F, K = self._offsets[(d_in, d_out)]
         return self.blocks[d_in][:, :, col: col + F * K]
 
-    def pair_slice(self, d_in: int, d_out: int) -> Tuple[int, int]:
-        """Column range of the pair inside :meth:`input_block` ``(d_in)``."""
-        col, F, K = self._offsets[(d_in, d_out)]
-        return col, col + F * K
-
     def kernel_major(self, d_in: int, d_out: int) -> Tensor:
         """``[E, (2d_out+1) * F, 2d_in+1]``, rows ordered ``(m_out, f)``: the layout of the fused conv
         (:mod:`se3t.nn.fused`), where ``Bt @ x^T`` is directly component-major ``[E, 2d_out+1, F * C]``.
 
-        A contiguous copy, kept for later calls unless it would carry an autograd graph (forces) that a second
-        backward could not traverse again.
+        A contiguous copy, kept for later calls only when the bases do not require gradients (forces: a cached
+        copy made under no_grad would silently drop them, one made with grad could not be backpropagated twice)
+        and it is no inference tensor made from normal ones.
         """
         key = (d_in, d_out)
         cached = self._kernel_major.get(key)
@@ -190,13 +186,9 @@ class Basis(Mapping):
         _, F, K = self._offsets[key]
         E, L = mat.shape[0], mat.shape[1]
         out = mat.reshape(E, L, F, K).permute(0, 3, 2, 1).reshape(E, K * F, L).contiguous()
-        if not out.requires_grad:
+        if not mat.requires_grad and out.is_inference() == mat.is_inference():
             self._kernel_major[key] = out
         return out
-
-    def input_block(self, d_in: int) -> Tensor:
-        """``[E, 2d_in+1, W]``: the bases of ``d_in`` to every output degree, columns ``(d_out, f, m_out)``."""
-        return self.blocks[d_in]
 
     # Construction -------------------------------------------------------------------------------------------
     @classmethod

@@ -123,6 +123,22 @@ def test_forces_gradcheck_and_equivariant_gradient():
     assert torch.allclose(f1, f0 @ R.T, atol=1e-10)
 
 
+def test_precomputed_basis_reused_under_no_grad_keeps_force_gradients():
+    """A basis that requires gradients, first used under no_grad (validation), must still carry them later."""
+    model = SE3TransformerPooled(Fiber({0: 2}), Fiber({0: 4}), Fiber({}), num_degrees=2, num_channels=4,
+                                 num_layers=1, num_heads=2, use_layer_norm=False).double()
+    pos, ei, gi = random_graph(6, p=0.6)
+    x = {0: torch.randn(6, 2, 1, dtype=torch.float64)}
+    p_ref = pos.clone().requires_grad_(True)
+    f_ref, = torch.autograd.grad(model(x, ei, p_ref, graph_index=gi).sum(), p_ref)
+    p = pos.clone().requires_grad_(True)
+    basis = model.transformer.compute_basis(ei, p)
+    with torch.no_grad():
+        model(x, ei, p, basis=basis, graph_index=gi)
+    f, = torch.autograd.grad(model(x, ei, p, basis=basis, graph_index=gi).sum(), p)
+    assert torch.allclose(f, f_ref, atol=1e-12)
+
+
 def test_degenerate_graphs_finite():
     model = make_model()
     x, ei, pos, e, _ = make_inputs(8)
