@@ -128,6 +128,9 @@ class ConvSE3(nn.Module):
                 self._blocks[d_out].append(block)
                 offset += fiber_out[d_out] * block.k_in
             self.radial.append(RadialMLP(self.edge_dim, offset, radial_hidden, use_layer_norm))
+        #: per radial MLP: its blocks (output degrees ascending) and the fused kernel's specs for them
+        self._group_blocks = [[b for d in fiber_out.degrees for b in self._blocks[d] if b.group == g]
+                              for g in range(len(groups))]
         self._fused_specs = [self._build_fused_specs(g) for g in range(len(groups))]
 
         if self_interaction:
@@ -136,16 +139,13 @@ class ConvSE3(nn.Module):
                 for d, c in fiber_out if d in fiber_in
             })
 
-    def _blocks_of_group(self, g: int) -> List[_Block]:
-        return [b for d in self.fiber_out.degrees for b in self._blocks[d] if b.group == g]
-
     def _build_fused_specs(self, g: int) -> Tuple[BlockSpec, ...]:
         """The fused kernel's block specs for radial MLP ``g``, and the permutation (a buffer) that reorders the
         rows of its last layer from the parameter layout ``(c_out, d_in, c, f)`` to the kernel's ``(c_out, d_in,
         f, c)``."""
         degrees = self.fiber_in.degrees
         specs, rows, bt_index = [], [], 0
-        for b in self._blocks_of_group(g):
+        for b in self._group_blocks[g]:
             c_out, parts = self.fiber_out[b.d_out], []
             for d, col in zip(b.d_ins, b.in_offsets):
                 C, F = self.in_channels[d], num_frequencies(d, b.d_out)
@@ -212,11 +212,11 @@ class ConvSE3(nn.Module):
             xs = [x[d] for d in self.fiber_in.degrees]
             for g, mlp in enumerate(self.radial):
                 blocks, bts = self._fused_specs[g], []
-                for b in self._blocks_of_group(g):
+                for b in self._group_blocks[g]:
                     bts += [basis.kernel_major(d, b.d_out) for d in b.d_ins]
                 outs = fused_conv(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_fused_rows_{g}"),
                                   blocks, xs, bts, self.chunk_size)
-                for b, o in zip(self._blocks_of_group(g), outs):
+                for b, o in zip(self._group_blocks[g], outs):
                     o = o.transpose(1, 2)  # [E, C_out, 2d_out+1]
                     out[b.d_out] = o if b.d_out not in out else out[b.d_out] + o
             return out

@@ -112,10 +112,11 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 # range is split into T contiguous parts run by T Python threads (ATen releases the GIL) with one intra-op
 # thread each. Outputs and per-edge gradients of different ranges are disjoint; grad_W is summed per range.
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
 
 
 def _forget_pool_after_fork() -> None:
-    # A forked child (e.g. a DataLoader worker) inherits the executor but not its threads: it would wait forever.
+    # A forked child (e.g. a DataLoader worker) inherits the executor object but none of its threads.
     global _pool
     _pool = None
 
@@ -124,11 +125,11 @@ os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _worker_pool(size: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool._max_workers != size:
+    global _pool, _pool_size
+    if _pool is None or _pool_size != size:
         if _pool is not None:
             _pool.shutdown(wait=True)
-        _pool = ThreadPoolExecutor(size, thread_name_prefix="se3t-fused")
+        _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix="se3t-fused"), size
     return _pool
 
 
