@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["markdown", "plot", "compare", "readme_table", "cell_key", "fmt_bytes", "utilisation"]
 

@@ -1,5 +1,4 @@
 """Each layer on its own: equivariance (float32 and float64), fast path == reference path, gradients."""
-import itertools
 
 import pytest
 import torch
