@@ -254,6 +254,29 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, monkeypatch):
                                     (h, W, *xs, *bts))
 
 
+def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(monkeypatch):
+    """Worker threads take edge units dynamically (whichever is free): outputs and every gradient must still be
+    bitwise the same from run to run (per-unit partial grad_W summed in unit order), in float32 where summation
+    order would show."""
+    from se3t.nn import fused
+    monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    monkeypatch.setattr(fused, "UNITS_PER_THREAD", 3)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True)
+    layer.chunk_size = 1
+    pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
+    pos.requires_grad_(True)
+    fn = _conv_fn(layer, ei, 2)
+    runs = []
+    for _ in range(4):
+        out = fn(x, pos, e)
+        loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
+        runs.append([*out.values(), *torch.autograd.grad(loss, [pos, *layer.parameters()])])
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
 def test_fused_kernel_in_inference_mode_on_worker_threads(monkeypatch):
     """Under torch.inference_mode the worker threads write into inference tensors: same result as no_grad."""
     from se3t.nn import fused

@@ -24,6 +24,7 @@ with plain autograd; tests compare the two in forward and backward, and gradchec
 """
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "DEFAULT_CHUNK", "CHUNK_VALUES", "CHUNK_VALUES_ACCELERATOR",
-           "GROUP_EDGES", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES"]
+           "GROUP_EDGES", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD"]
 
 #: Most edges per chunk on CPU.
 DEFAULT_CHUNK = 64
@@ -108,9 +109,14 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 # --- edge ranges on CPU worker threads -------------------------------------------------------------------------
 # A chunk's GEMMs are too small to split well over OpenMP threads (measured: 2 threads barely beat 1 on a
-# 25-edge chunk), but independent edge ranges are embarrassingly parallel. With T > 1 intra-op threads the edge
-# range is split into T contiguous parts run by T Python threads (ATen releases the GIL) with one intra-op
-# thread each. Outputs and per-edge gradients of different ranges are disjoint; grad_W is summed per range.
+# 25-edge chunk), but independent edge ranges are embarrassingly parallel. With T > 1 intra-op threads the edges
+# are cut into UNITS_PER_THREAD * T contiguous units of whole chunks, which T Python threads (ATen releases the
+# GIL), with one intra-op thread each, take one at a time in order. Taking units dynamically balances the load
+# (a static split into T ranges left one thread idle ~20 % of the time: uneven ranges, noisy cores). Outputs and
+# per-edge gradients of different units are disjoint, and every unit returns its own partial grad_W, summed in
+# unit order: the result does not depend on which thread ran which unit (bitwise reproducible).
+#: Work units per worker thread (more: better balance, more partial grad_W buffers).
+UNITS_PER_THREAD = 4
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 
@@ -133,31 +139,40 @@ def _worker_pool(size: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def _run_ranges(fn: Callable[[int, int], object], E: int, n_max: int, device: torch.device,
-                values: int) -> List[object]:
-    """``[fn(lo, hi) for each edge range]``: one range, or one per intra-op thread (CPU, enough chunks and at
-    least :data:`PARALLEL_MIN_VALUES` kernel weights in all, so small layers do not pay for the hand-off)."""
+def _run_ranges(fn: Callable[[int, int, object], object], buffers: Callable[[], object], E: int, n_max: int,
+                device: torch.device, values: int) -> List[object]:
+    """``[fn(lo, hi, bufs) for each edge range, in range order]`` with ``bufs = buffers()`` made once per thread:
+    one range on the calling thread, or units of whole ``n_max``-edge chunks taken by one worker per intra-op
+    thread (CPU, enough chunks and at least :data:`PARALLEL_MIN_VALUES` kernel weights in all, so small layers do
+    not pay for the hand-off)."""
     threads = torch.get_num_threads() if (PARALLEL_RANGES and device.type == "cpu") else 1
     if values < PARALLEL_MIN_VALUES:
         threads = 1
     chunks = -(-E // n_max)
     parts = min(threads, chunks // 2)
     if parts <= 1:
-        return [fn(0, E)]
-    bounds = [min(E, (chunks * i // parts) * n_max) for i in range(parts + 1)]
-
+        return [fn(0, E, buffers())]
+    num_units = min(chunks, UNITS_PER_THREAD * parts)
+    bounds = [min(E, (chunks * i // num_units) * n_max) for i in range(num_units + 1)]
+    results: List[object] = [None] * num_units
+    next_unit = itertools.count()  # next() on a count is atomic under the GIL
     inference = torch.is_inference_mode_enabled()
 
-    def task(i: int):
+    def task(_: int) -> None:
         torch.set_num_threads(1)  # this worker's intra-op threads (OpenMP settings are per thread)
         # Grad and inference mode are per thread too: run as the calling autograd.Function does.
         with torch.inference_mode(inference), torch.no_grad():
-            return fn(bounds[i], bounds[i + 1])
+            bufs = buffers()
+            for i in next_unit:
+                if i >= num_units:
+                    return
+                results[i] = fn(bounds[i], bounds[i + 1], bufs)
 
     try:
-        return list(_worker_pool(parts).map(task, range(parts)))
+        list(_worker_pool(parts).map(task, range(parts)))  # list(): re-raise a worker's exception here
     finally:
         torch.set_num_threads(threads)  # the global default the workers lowered; this thread's own setting
+    return results
 
 
 class _FusedConv(torch.autograd.Function):
@@ -176,10 +191,12 @@ class _FusedConv(torch.autograd.Function):
             Wj_t = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in]).t()
             n_max, group = _chunk_sizes(chunk, b, E, h.device)
 
-            def forward_range(lo: int, hi: int, b=b, out=out, Wj_t=Wj_t, n_max=n_max, group=group) -> None:
-                rbuf = h.new_empty(n_max, b.c_out * b.k_in)
-                tmp = h.new_empty(group, b.K, b.k_in)
-                pbuf = h.new_empty(group * b.K * b.k_in)
+            def forward_buffers(b=b, n_max=n_max, group=group) -> Tuple[Tensor, Tensor, Tensor]:
+                return (h.new_empty(n_max, b.c_out * b.k_in), h.new_empty(group, b.K, b.k_in),
+                        h.new_empty(group * b.K * b.k_in))
+
+            def forward_range(lo: int, hi: int, bufs, b=b, out=out, Wj_t=Wj_t, n_max=n_max, group=group) -> None:
+                rbuf, tmp, pbuf = bufs
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
                     t = _build_tmp(b, xs, bts, S, m, tmp, pbuf)
@@ -188,7 +205,7 @@ class _FusedConv(torch.autograd.Function):
                         R = torch.mm(h[S + s:S + s + n], Wj_t, out=rbuf[:n]).view(n, b.c_out, b.k_in)
                         torch.bmm(t[s:s + n], R.transpose(1, 2), out=out[S + s:S + s + n])
 
-            _run_ranges(forward_range, E, group, h.device, E * b.c_out * b.k_in)
+            _run_ranges(forward_range, forward_buffers, E, n_max, h.device, E * b.c_out * b.k_in)
             outs.append(out)
         ctx.chunk, ctx.blocks, ctx.num_x = chunk, blocks, num_x
         ctx.save_for_backward(rows, h, W, *xs_bts)
@@ -219,12 +236,15 @@ class _FusedConv(torch.autograd.Function):
             Wj = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in])
             n_max, group = _chunk_sizes(chunk, b, E, h.device)
 
-            def backward_range(lo: int, hi: int, b=b, g_all=g_all, parts_in=parts_in, Wj=Wj, n_max=n_max,
-                               group=group) -> Optional[Tensor]:
-                rbuf = h.new_empty(n_max, b.c_out * b.k_in)
-                tmp = h.new_empty(group, b.K, b.k_in) if (need_h or need_W) else None
-                gtmp = h.new_empty(group, b.K, b.k_in) if parts_in else None
-                pbuf = h.new_empty(group * b.K * b.k_in)
+            def backward_buffers(b=b, parts_in=parts_in, n_max=n_max, group=group):
+                return (h.new_empty(n_max, b.c_out * b.k_in),
+                        h.new_empty(group, b.K, b.k_in) if (need_h or need_W) else None,
+                        h.new_empty(group, b.K, b.k_in) if parts_in else None,
+                        h.new_empty(group * b.K * b.k_in))
+
+            def backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in, Wj=Wj,
+                               n_max=n_max, group=group) -> Optional[Tensor]:
+                rbuf, tmp, gtmp, pbuf = bufs
                 gW = torch.zeros(Wj.shape, dtype=acc_dtype, device=W.device) if need_W else None
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
@@ -261,10 +281,11 @@ class _FusedConv(torch.autograd.Function):
                             grad_bt[p.bt][S:S + m].baddbmm_(gt, xs[p.x][S:S + m])
                 return gW
 
-            partial_W = _run_ranges(backward_range, E, group, h.device, E * b.c_out * b.k_in)
+            partial_W = _run_ranges(backward_range, backward_buffers, E, n_max, h.device, E * b.c_out * b.k_in)
             if need_W:
-                grad_W[b.row:b.row + b.c_out * b.k_in] = torch.stack(partial_W).sum(0) if len(partial_W) > 1 \
-                    else partial_W[0]
+                gW = grad_W[b.row:b.row + b.c_out * b.k_in]
+                for partial in partial_W:  # in unit order: the same sum whichever thread ran which unit
+                    gW += partial
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
         if grad_W is not None:
             grad_W = torch.zeros_like(W).index_copy_(0, rows, grad_W.to(W.dtype))
