@@ -160,6 +160,19 @@ def _first_step_per_shape(step: Callable[[int], None], batches: List[dict], devi
             "first_steps_total_s": sum(seconds)}
 
 
+def accuracy_cell(*, kind: str, config: dict, eq_batch: dict, precision: str, fuse_level: str, device: str,
+                  scatter_backend: str, reason: str, seed: int = 0, **extra) -> Dict:
+    """A cell too slow to time here (e.g. bf16 emulated on a CPU without native bf16): still measure what the
+    precision does to the model's output (equivariance error, deviation from fp32 NONE) on the small equivariance
+    batch, and record the cell as ``skipped`` with ``reason``. ``extra`` is recorded as given."""
+    dev = torch.device(device)
+    model = build_model(kind, config, fuse_level, False, seed).to(dev)
+    with se3t.scatter.use_backend(scatter_backend):
+        accuracy = _accuracy(model, kind, eq_batch, precision, dev, fuse_level)
+    return {"status": "skipped", "reason": reason, "num_parameters": sum(p.numel() for p in model.parameters()),
+            "equivariance": accuracy, **extra}
+
+
 def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optional[dict], mode: str, fuse_level: str,
               precision: str, low_memory: bool, scatter_backend: str, device: str, warmup: int, repeats: int,
               max_seconds: Optional[float] = None, seed: int = 0, item: str = "graphs",

@@ -5,7 +5,9 @@ scatter backend. ``low_memory=on`` is measured at the levels of ``--low-memory-l
 level); inference cells with ``low_memory=on`` are recorded as skipped (checkpointing only acts under autograd,
 so they would measure the same code as ``off``). ``compile=on`` (``--compile off,on``; default off only) times
 ``torch.compile(model, dynamic=False)``: one compilation per distinct padded batch shape, before the timed steps
-(see :mod:`benchmarks.cells`).
+(see :mod:`benchmarks.cells`). A cell whose step would exceed ``--max-step-seconds`` at the measured GEMM rate
+(bf16 on a CPU without native bf16) is skipped; its inference cell still measures that precision's equivariance
+error and deviation from fp32 on the small equivariance batch (``benchmarks.cells.accuracy_cell``).
 """
 from __future__ import annotations
 
@@ -73,9 +75,16 @@ def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
                 est := _estimated_seconds(config, data[g["batch_size"]][0], g["mode"], gemm[g["precision"]])
         ) > args.max_step_seconds:
             rate = gemm[g["precision"]]["flops_per_s"] / 1e9
-            cell.update(status="skipped", estimated_step_s=est,
-                        reason=f"a step would need at least ~{est:.0f} s of matmuls at this machine's {g['precision']} GEMM rate "
-                               f"({rate:.3g} GFLOP/s), over --max-step-seconds {args.max_step_seconds:g}")
+            reason = (f"a step would need at least ~{est:.0f} s of matmuls at this machine's {g['precision']} GEMM "
+                      f"rate ({rate:.3g} GFLOP/s), over --max-step-seconds {args.max_step_seconds:g}")
+            cell.update(status="skipped", estimated_step_s=est, reason=reason)
+            if g["mode"] == "infer" and not args.no_equivariance and not g["compile"]:
+                # not timed, but what this precision does to the outputs is still measured (small batch)
+                cell.update(status=None, func="benchmarks.cells:accuracy_cell", kwargs=dict(
+                    kind="pooled", config=config, eq_batch=data[g["batch_size"]][1], precision=g["precision"],
+                    fuse_level=g["fuse_level"], device=str(device), scatter_backend=g["scatter_backend"],
+                    reason=reason + " (accuracy measured on the equivariance batch only)", seed=args.seed,
+                    estimated_step_s=est))
         else:
             batches, eq, _ = data[g["batch_size"]]
             cell.update(status=None, func="benchmarks.cells:se3t_cell", kwargs=dict(

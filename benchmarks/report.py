@@ -385,7 +385,9 @@ def readme_table(result: dict, source: str = "") -> str:
                 return "-"
             return f"{c['throughput']['value']:.3g}" if c["status"] == "ok" else c["status"]
 
-        any_ok = next((c for c in (tr, inf) if c and c["status"] == "ok" and c.get("equivariance")), None)
+        # an accuracy-only cell (skipped for time) still carries the precision's equivariance error
+        any_ok = next((c for c in (tr, inf) if c and c["status"] in ("ok", "skipped") and c.get("equivariance")),
+                      None)
         u = utilisation(tr, result) if tr and tr["status"] == "ok" else None
         lines.append(f"| {level} | {precision} | {_lowmem(low)} | {bs} | " + (f"{backend} | " if multi_backend else "")
                      + f"{tp(tr)} | {tp(inf)} | "

@@ -213,3 +213,22 @@ def test_every_fuse_level_is_in_the_default_grid():
     import se3t
 
     assert fuse_levels() == [m.name for m in se3t.FuseLevel]
+
+
+def test_cells_too_slow_to_time_still_measure_accuracy(tmp_path):
+    """A precision too slow to time here (bf16 without native support) is skipped, but its inference cell still
+    reports the equivariance error at that precision, and the README table shows it."""
+    argv = ["qm9", *FAST, "--model", "tiny", "--data", "synthetic", "--batch-sizes", "3", "--num-batches", "1",
+            "--levels", "FULL", "--low-memory", "off", "--scatter-backends", "torch", "--precisions", "bf16",
+            "--max-step-seconds", "1e-9", "--out", str(tmp_path), "--name", "slow"]
+    assert main(argv) == 0
+    result = _load(tmp_path / "slow.json")
+    _check_document(result, "qm9")
+    cells = {c["mode"]: c for c in result["cells"]}
+    assert {c["status"] for c in cells.values()} == {"skipped"}
+    assert "max-step-seconds" in cells["train"]["reason"] and "equivariance" not in cells["train"]
+    eq = cells["infer"]["equivariance"]
+    assert 0 < eq["max_rel_error"] < 0.5 and 0 < eq["rel_dev_vs_fp32_none"] < 0.5  # bf16: visibly above fp32
+    assert cells["infer"]["estimated_step_s"] > 0
+    row = next(line for line in report.readme_table(result).splitlines() if line.startswith("| FULL | bf16"))
+    assert row.rstrip(" |").split("|")[-1].strip() not in ("", "-")
