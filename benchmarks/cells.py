@@ -160,6 +160,20 @@ def _first_step_per_shape(step: Callable[[int], None], batches: List[dict], devi
             "first_steps_total_s": sum(seconds)}
 
 
+def _nbytes(tensors) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
+
+
+def _training_state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, growth: int) -> Dict[str, int]:
+    """What of a training step's memory is not activations: parameters (in the base), gradients and the optimizer's
+    state (created in the first step, so inside the measured growth). ``activation_growth_bytes``: the growth less
+    gradients and optimizer state, i.e. activations, workspaces and what the allocator keeps (CPU resident set)."""
+    grads = _nbytes(p.grad for p in model.parameters())
+    state = _nbytes(v for st in opt.state.values() for v in st.values())
+    return {"parameter_bytes": _nbytes(model.parameters()), "gradient_bytes": grads, "optimizer_state_bytes": state,
+            "activation_growth_bytes": max(growth - grads - state, 0)}
+
+
 def accuracy_cell(*, kind: str, config: dict, eq_batch: dict, precision: str, fuse_level: str, device: str,
                   scatter_backend: str, reason: str, seed: int = 0, **extra) -> Dict:
     """A cell too slow to time here (e.g. bf16 emulated on a CPU without native bf16): still measure what the
@@ -225,6 +239,8 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
         timing = time_steps(step, len(dev_batches), warmup=warmup, repeats=repeats, device=dev,
                             max_seconds=max_seconds)
         result["memory"] = memory.stop()
+        if training:
+            result["memory"].update(_training_state_bytes(model, opt, result["memory"]["growth_bytes"]))
         if compile_model:
             after = _dynamo_counts()
             stats.update(after, graphs_compiled_after_first_steps=after["unique_graphs"] - before["unique_graphs"],

@@ -83,6 +83,12 @@ def test_qm9_quick_writes_complete_outputs(qm9_run):
         assert c["gemm"]["flops_per_s"] > 0 and 0 < report.utilisation(c, result) < 10
         assert c["flops"]["fused"]["per_step"] >= c["flops"]["pairwise"]["per_step"]
         assert c["items_per_step"] == 3
+        if c["mode"] == "train":  # memory that is not activations: gradients and AdamW's two moments
+            mem = c["memory"]
+            assert 0 < mem["gradient_bytes"] <= mem["parameter_bytes"] == 4 * c["num_parameters"]
+            assert mem["optimizer_state_bytes"] >= 2 * mem["gradient_bytes"]
+            assert mem["activation_growth_bytes"] == max(
+                mem["growth_bytes"] - mem["gradient_bytes"] - mem["optimizer_state_bytes"], 0)
     md = (qm9_run / "smoke.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| train") or line.startswith("| infer")]
     assert len(table) == sum(c["status"] != "unsupported" for c in cells)
