@@ -112,9 +112,10 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 # 25-edge chunk), but independent edge ranges are embarrassingly parallel. With T > 1 intra-op threads the edges
 # are cut into UNITS_PER_THREAD * T contiguous units of whole chunks, which T Python threads (ATen releases the
 # GIL), with one intra-op thread each, take one at a time in order. Taking units dynamically balances the load
-# (a static split into T ranges left one thread idle ~20 % of the time: uneven ranges, noisy cores). Outputs and
-# per-edge gradients of different units are disjoint, and every unit returns its own partial grad_W, summed in
-# unit order: the result does not depend on which thread ran which unit (bitwise reproducible).
+# (with a static split into T ranges one thread sat idle for up to ~25 % of a block: uneven ranges, noisy
+# cores). Outputs and per-edge gradients of different units are disjoint, and every unit returns its own partial
+# grad_W, summed in unit order: for a given thread count the result does not depend on which thread ran which
+# unit (bitwise reproducible).
 #: Work units per worker thread (more: better balance, more partial grad_W buffers).
 UNITS_PER_THREAD = 4
 _pool: Optional[ThreadPoolExecutor] = None
