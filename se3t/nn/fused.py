@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -116,7 +117,7 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 # cores). Outputs and per-edge gradients of different units are disjoint, and every unit returns its own partial
 # grad_W, summed in unit order: for a given thread count the result does not depend on which thread ran which
 # unit (bitwise reproducible).
-#: Work units per worker thread (more: better balance, more partial grad_W buffers).
+#: Work units per worker thread (more: better balance, smaller units).
 UNITS_PER_THREAD = 4
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
@@ -140,23 +141,27 @@ def _worker_pool(size: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def _run_ranges(fn: Callable[[int, int, object], object], buffers: Callable[[], object], E: int, n_max: int,
-                device: torch.device, values: int) -> List[object]:
-    """``[fn(lo, hi, bufs) for each edge range, in range order]`` with ``bufs = buffers()`` made once per thread:
-    one range on the calling thread, or units of whole ``n_max``-edge chunks taken by one worker per intra-op
-    thread (CPU, enough chunks and at least :data:`PARALLEL_MIN_VALUES` kernel weights in all, so small layers do
-    not pay for the hand-off)."""
+def _run_ranges(fn: Callable[[int, int, object], object], buffers: Callable[[], object],
+                fold: Callable[[object], None], E: int, n_max: int, device: torch.device, values: int) -> None:
+    """``fold(fn(lo, hi, bufs))`` for each edge range, folded in range order, with ``bufs = buffers()`` made once
+    per thread: one range on the calling thread, or units of whole ``n_max``-edge chunks taken by one worker per
+    intra-op thread (CPU, enough chunks and at least :data:`PARALLEL_MIN_VALUES` kernel weights in all, so small
+    layers do not pay for the hand-off). A unit's result is folded as soon as every earlier one has been, so only
+    the results of units finished out of order wait (memory: a few partial grad_W, not one per unit)."""
     threads = torch.get_num_threads() if (PARALLEL_RANGES and device.type == "cpu") else 1
     if values < PARALLEL_MIN_VALUES:
         threads = 1
     chunks = -(-E // n_max)
     parts = min(threads, chunks // 2)
     if parts <= 1:
-        return [fn(0, E, buffers())]
+        fold(fn(0, E, buffers()))
+        return
     num_units = min(chunks, UNITS_PER_THREAD * parts)
     bounds = [min(E, (chunks * i // num_units) * n_max) for i in range(num_units + 1)]
-    results: List[object] = [None] * num_units
     next_unit = itertools.count()  # next() on a count is atomic under the GIL
+    waiting: Dict[int, object] = {}  # finished units whose turn to be folded has not come yet
+    next_fold = [0]
+    lock = threading.Lock()
     inference = torch.is_inference_mode_enabled()
 
     def task(_: int) -> None:
@@ -167,13 +172,17 @@ def _run_ranges(fn: Callable[[int, int, object], object], buffers: Callable[[], 
             for i in next_unit:
                 if i >= num_units:
                     return
-                results[i] = fn(bounds[i], bounds[i + 1], bufs)
+                result = fn(bounds[i], bounds[i + 1], bufs)
+                with lock:
+                    waiting[i] = result
+                    while next_fold[0] in waiting:
+                        fold(waiting.pop(next_fold[0]))
+                        next_fold[0] += 1
 
     try:
         list(_worker_pool(parts).map(task, range(parts)))  # list(): re-raise a worker's exception here
     finally:
         torch.set_num_threads(threads)  # the global default the workers lowered; this thread's own setting
-    return results
 
 
 class _FusedConv(torch.autograd.Function):
@@ -206,7 +215,7 @@ class _FusedConv(torch.autograd.Function):
                         R = torch.mm(h[S + s:S + s + n], Wj_t, out=rbuf[:n]).view(n, b.c_out, b.k_in)
                         torch.bmm(t[s:s + n], R.transpose(1, 2), out=out[S + s:S + s + n])
 
-            _run_ranges(forward_range, forward_buffers, E, n_max, h.device, E * b.c_out * b.k_in)
+            _run_ranges(forward_range, forward_buffers, lambda _: None, E, n_max, h.device, E * b.c_out * b.k_in)
             outs.append(out)
         ctx.chunk, ctx.blocks, ctx.num_x = chunk, blocks, num_x
         ctx.save_for_backward(rows, h, W, *xs_bts)
@@ -282,11 +291,9 @@ class _FusedConv(torch.autograd.Function):
                             grad_bt[p.bt][S:S + m].baddbmm_(gt, xs[p.x][S:S + m])
                 return gW
 
-            partial_W = _run_ranges(backward_range, backward_buffers, E, n_max, h.device, E * b.c_out * b.k_in)
-            if need_W:
-                gW = grad_W[b.row:b.row + b.c_out * b.k_in]
-                for partial in partial_W:  # in unit order: the same sum whichever thread ran which unit
-                    gW += partial
+            # partial grad_W of each range, added in range order: the same sum whichever thread ran which range
+            fold = grad_W[b.row:b.row + b.c_out * b.k_in].add_ if need_W else (lambda _: None)
+            _run_ranges(backward_range, backward_buffers, fold, E, n_max, h.device, E * b.c_out * b.k_in)
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
         if grad_W is not None:
             grad_W = torch.zeros_like(W).index_copy_(0, rows, grad_W.to(W.dtype))
