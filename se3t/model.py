@@ -82,6 +82,16 @@ class SE3Transformer(nn.Module):
         self.graph_modules = nn.ModuleList(modules)
         self.pooling_module = GraphPooling(pooling, return_type) if pooling is not None else None
 
+    def _run_modules(self, start: int, stop: int, feats: Features, edge_feats: Features, radial_in: Tensor,
+                     edge_index: Tensor, basis: Basis) -> Features:
+        """``graph_modules[start:stop]`` in order on ``feats``."""
+        for module in self.graph_modules[start:stop]:
+            if isinstance(module, NormSE3):
+                feats = module(feats)
+            else:
+                feats = module(feats, edge_feats, radial_in, edge_index, basis)
+        return feats
+
     def set_fuse_level(self, level: Union[FuseLevel, str, int]) -> None:
         """Change the execution fusion level of every conv (parameters are unaffected)."""
         self.fuse_level = FuseLevel.coerce(level)
@@ -122,14 +132,15 @@ class SE3Transformer(nn.Module):
         radial_in = torch.cat(scalars + [dist.to(pos.dtype)], dim=-1)  # [E, C_e0 + 1]
 
         feats = {d: node_feats[d] for d in self.fiber_in.degrees}
-        recompute = self.low_memory and torch.is_grad_enabled()
-        for module in self.graph_modules:
-            args = (feats,) if isinstance(module, NormSE3) else (feats, edge_feats, radial_in, edge_index, basis)
-            if recompute:
-                # Keep only each layer's inputs; its activations are recomputed, layer by layer, in backward.
-                feats = checkpoint(module, *args, use_reentrant=False)
-            else:
-                feats = module(*args)
+        if self.low_memory and torch.is_grad_enabled():
+            # Keep only each layer's input features; its activations are recomputed, layer by layer, in backward.
+            # A layer is a graph module with the norms after it (their inputs would be one more stored copy).
+            starts = [i for i, m in enumerate(self.graph_modules) if not isinstance(m, NormSE3)]
+            for start, stop in zip(starts, starts[1:] + [len(self.graph_modules)]):
+                feats = checkpoint(self._run_modules, start, stop, feats, edge_feats, radial_in, edge_index, basis,
+                                   use_reentrant=False)
+        else:
+            feats = self._run_modules(0, len(self.graph_modules), feats, edge_feats, radial_in, edge_index, basis)
 
         if self.pooling_module is not None:
             return self.pooling_module(feats, graph_index, num_graphs)
@@ -161,6 +172,16 @@ class SE3TransformerPooled(nn.Module):
         n = fiber_out.num_features
         self.mlp = nn.Sequential(nn.Linear(n, n), nn.ReLU(), nn.Linear(n, output_dim))
         self.output_dim = output_dim
+
+    def _run_modules(self, start: int, stop: int, feats: Features, edge_feats: Features, radial_in: Tensor,
+                     edge_index: Tensor, basis: Basis) -> Features:
+        """``graph_modules[start:stop]`` in order on ``feats``."""
+        for module in self.graph_modules[start:stop]:
+            if isinstance(module, NormSE3):
+                feats = module(feats)
+            else:
+                feats = module(feats, edge_feats, radial_in, edge_index, basis)
+        return feats
 
     def set_fuse_level(self, level: Union[FuseLevel, str, int]) -> None:
         self.transformer.set_fuse_level(level)

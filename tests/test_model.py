@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from se3t import Fiber, FuseLevel, SE3Transformer, SE3TransformerPooled
+from se3t.nn import NormSE3
 from se3t.testing import assert_equivariant, random_rotation
 
 from core_helpers import random_features, random_graph
@@ -103,6 +104,25 @@ def test_low_memory_same_outputs_gradients_and_all_parameters_train():
     for (name, _), a, b in zip(low.named_parameters(), g0[1:], g1[1:]):
         assert b is not None and b.abs().sum() > 0, f"{name} received no gradient in low-memory mode"
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_low_memory_checkpoints_each_layer_with_its_norm(monkeypatch):
+    """One checkpoint per layer (attention block + the norm after it) and one for the final conv: a norm's input
+    is not stored as a segment boundary of its own."""
+    import se3t.model
+    segments = []
+    real = se3t.model.checkpoint
+    monkeypatch.setattr(se3t.model, "checkpoint", lambda fn, *a, **k: segments.append(a[:2]) or real(fn, *a, **k))
+    model = make_model(low_memory=True, num_layers=3)
+    assert any(isinstance(m, NormSE3) for m in model.graph_modules)
+    x, ei, pos, e, _ = make_inputs()
+    model(x, ei, pos, e)
+    n = len(model.graph_modules)
+    assert segments == [(0, 2), (2, 4), (4, 6), (6, n)] and n == 7
+    segments.clear()
+    with torch.no_grad():
+        model(x, ei, pos, e)
+    assert segments == []  # nothing to recompute without autograd
 
 
 def test_forces_gradcheck_and_equivariant_gradient():
