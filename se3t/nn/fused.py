@@ -233,8 +233,8 @@ class _FusedConv(torch.autograd.Function):
         # Accumulate in at least float32 (many chunks; bf16 partial sums would lose bits).
         acc_dtype = torch.promote_types(W.dtype, torch.float32)
         grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
-        # grad_W in the kernel's row order; scattered back to the parameter's order at the end.
-        grad_W = torch.zeros(rows.shape[0], W.shape[1], dtype=acc_dtype, device=W.device) if need_W else None
+        # grad_W in the parameter's row order: each block's partials are added at its rows (one buffer, no copy).
+        grad_W = torch.zeros(W.shape, dtype=acc_dtype, device=W.device) if need_W else None
         # grad_x kept as [E, L, C] (the natural output of Bt^T @ gtmp), returned as a transposed view.
         grad_x = [x.new_zeros(x.shape[0], x.shape[2], x.shape[1]) if need else None for x, need in zip(xs, need_x)]
         grad_bt = [torch.zeros_like(bt) if need else None for bt, need in zip(bts, need_bt)]
@@ -292,11 +292,11 @@ class _FusedConv(torch.autograd.Function):
                 return gW
 
             # partial grad_W of each range, added in range order: the same sum whichever thread ran which range
-            fold = grad_W[b.row:b.row + b.c_out * b.k_in].add_ if need_W else (lambda _: None)
+            block_rows = rows[b.row:b.row + b.c_out * b.k_in]
+            fold = (lambda partial, r=block_rows: grad_W.index_add_(0, r, partial)) if need_W else (lambda _: None)
             _run_ranges(backward_range, backward_buffers, fold, E, n_max, h.device, E * b.c_out * b.k_in)
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
-        if grad_W is not None:
-            grad_W = torch.zeros_like(W).index_copy_(0, rows, grad_W.to(W.dtype))
+        grad_W = grad_W.to(W.dtype) if grad_W is not None else None
         grad_x = [gx.transpose(1, 2) if gx is not None else None for gx in grad_x]
         return (None, None, None, None, grad_h, grad_W, *grad_x, *grad_bt)
 
