@@ -94,6 +94,22 @@ def _validate(src: Tensor, index: Tensor, dim_size: int, check_range: bool) -> N
             raise ValueError(f"index values must lie in [0, {dim_size}), got range [{lo}, {hi}]")
 
 
+class _IndexAddSum(torch.autograd.Function):
+    """``zeros[dim_size, *].index_add_(0, index, src)`` keeping only ``index`` for backward (the gradient is
+    ``grad[index]``). Autograd's own index_add keeps ``src`` as well: an edge-sized tensor per sum, e.g. every
+    attention layer's weighted values. The backward is itself differentiable (double backward for forces)."""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, index: Tensor, dim_size: int) -> Tensor:
+        ctx.save_for_backward(index)
+        return src.new_zeros((dim_size,) + tuple(src.shape[1:])).index_add_(0, index, src)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
 def scatter(src: Tensor, index: Tensor, dim_size: int, reduce: str = "sum", *,
             backend: Optional[str] = None, check: bool = True) -> Tensor:
     """Reduce the rows of ``src [M, *]`` into ``[dim_size, *]`` by ``index [M]``.
@@ -115,7 +131,7 @@ def scatter(src: Tensor, index: Tensor, dim_size: int, reduce: str = "sum", *,
         idx = index.view(-1, *([1] * (src.dim() - 1))).expand_as(src)
         out = src.new_zeros(out_shape)
         return out.scatter_reduce(0, idx, src, reduce="amax", include_self=False)
-    out = src.new_zeros(out_shape).index_add_(0, index, src)
+    out = _IndexAddSum.apply(src, index, dim_size)
     if reduce == "mean":
         count = torch.zeros(dim_size, dtype=src.dtype, device=src.device)
         count.index_add_(0, index, torch.ones_like(index, dtype=src.dtype))

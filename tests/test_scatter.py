@@ -42,6 +42,28 @@ def test_edge_softmax_gradcheck():
     assert torch.autograd.gradcheck(lambda x: sc.edge_softmax(x, dst, 5), (logits,))
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_sum_and_mean_gradients_first_and_second_order(reduce):
+    src = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 2, 2, 4, 0, 1, 1, 2, 4, 4, 0, 2])  # node 3 empty
+    fn = lambda x: sc.scatter(x, index, 5, reduce, backend="torch") ** 2  # noqa: E731  (non-linear: 2nd order)
+    assert torch.autograd.gradcheck(fn, (src,))
+    assert torch.autograd.gradgradcheck(fn, (src,))
+
+
+def test_sum_keeps_only_the_index_for_backward():
+    """The sum's gradient is grad[index]: the edge-sized source must not be stored (autograd's index_add would)."""
+    src = torch.randn(1000, 16, requires_grad=True)
+    index = torch.randint(0, 10, (1000,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = sc.scatter_sum(src * 1.0, index, 10, backend="torch")
+    kept = [t for t in saved if t.is_floating_point() and t.numel() >= src.numel()]
+    assert kept == [] and any(t is index or t.equal(index) for t in saved)
+    out.sum().backward()
+    assert torch.equal(src.grad, torch.ones_like(src))
+
+
 def test_errors():
     src = torch.randn(5, 2)
     with pytest.raises(TypeError, match="int64"):
