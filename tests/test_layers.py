@@ -200,17 +200,22 @@ def test_conv_gradcheck_positions():
     assert torch.autograd.gradcheck(lambda p: fn(x, p, {})[1], (pos.requires_grad_(True),))
 
 
+@pytest.mark.parametrize("edge_degrees", [(0, 1), (0,)], ids=["edge-features-of-degree-1", "scalar-edge-features"])
 @pytest.mark.parametrize("chunk, group", [(1, 4), (7, 7), (3, 256), (1000, 256)])
-def test_fused_kernel_chunks_match_reference_path(chunk, group, monkeypatch):
+def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, monkeypatch):
     """FULL (fused radial + contraction, chunked custom autograd) against NONE (plain autograd), many chunks and
-    groups of chunks (several edge ranges on worker threads when torch has more than one thread)."""
+    groups of chunks (several edge ranges on worker threads when torch has more than one thread). With scalar
+    edge features only, the kernel gathers the source nodes' features itself; with degree-1 edge features (part
+    of x) it takes edge-level inputs."""
     from se3t.nn import fused
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
-    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True,
+    fiber_edge = FIBER_EDGE.restrict(edge_degrees)
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), fiber_edge, self_interaction=True,
                     use_layer_norm=True).double()
     layer.chunk_size = chunk
     pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=14)
+    e = {d: v for d, v in e.items() if d in edge_degrees}
     assert ei.shape[1] > 2 * 7
     pos.requires_grad_(True)
     xs = {d: v.clone().requires_grad_(True) for d, v in x.items()}
@@ -252,6 +257,15 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, monkeypatch):
     n = len(xs)
     assert torch.autograd.gradcheck(lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk),
                                     (h, W, *xs, *bts))
+    # node-level inputs read through an index (repeated and unused nodes): the kernel gathers and scatters back
+    x_index = torch.tensor([3, 0, 3, 1, 4, 4, 0, 3, 1])
+    nodes = [rnd(6, 2, 1), rnd(6, 3, 3)]
+    assert torch.autograd.gradcheck(lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk,
+                                                          x_index=x_index), (h, W, *nodes, *bts))
+    with torch.no_grad():  # and equals the edge-level call on the gathered rows
+        ref = fused_conv(h, W, rows, blocks, [v[x_index] for v in nodes], bts, chunk=chunk)
+        out = fused_conv(h, W, rows, blocks, nodes, bts, chunk=chunk, x_index=x_index)
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
 
 
 def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(monkeypatch):

@@ -194,8 +194,29 @@ class ConvSE3(nn.Module):
     def edge_messages(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
                       src: Tensor, basis: Basis) -> Features:
         """Per-edge outputs ``{d_out: [E, C_out, 2d_out+1]}`` (before self-interaction and pooling)."""
-        x = self._source_features(node_feats, edge_feats, src)
         level = self.fuse_level
+        out: Features = {}
+        if level == FuseLevel.FULL:
+            # x @ B, the radial last layer and the contraction in one chunked kernel (see se3t.nn.fused): only
+            # x, the bases and the radial hidden features are kept for backward. Without edge features of degree
+            # > 0, x is the source nodes' features: the kernel gathers them per chunk (no edge-level copy).
+            if any(d > 0 and self.fiber_edge[d] for d in self.fiber_in.degrees):
+                x, x_index = self._source_features(node_feats, edge_feats, src), None
+            else:
+                x, x_index = node_feats, src
+            xs = [x[d] for d in self.fiber_in.degrees]
+            for g, mlp in enumerate(self.radial):
+                blocks, bts = self._fused_specs[g], []
+                for b in self._group_blocks[g]:
+                    bts += [basis.kernel_major(d, b.d_out) for d in b.d_ins]
+                outs = fused_conv(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_fused_rows_{g}"),
+                                  blocks, xs, bts, self.chunk_size, x_index=x_index)
+                for b, o in zip(self._group_blocks[g], outs):
+                    o = o.transpose(1, 2)  # [E, C_out, 2d_out+1]
+                    out[b.d_out] = o if b.d_out not in out else out[b.d_out] + o
+            return out
+
+        x = self._source_features(node_feats, edge_feats, src)
 
         def tmp_of(d_in: int, d_out: int) -> Tensor:
             return self._pair_tmp(x[d_in], basis, d_in, d_out)
@@ -204,22 +225,6 @@ class ConvSE3(nn.Module):
             if len(block.d_ins) == 1:
                 return tmp_of(block.d_ins[0], block.d_out)
             return torch.cat([tmp_of(d, block.d_out) for d in block.d_ins], dim=1)
-
-        out: Features = {}
-        if level == FuseLevel.FULL:
-            # x @ B, the radial last layer and the contraction in one chunked kernel (see se3t.nn.fused): only
-            # x, the bases and the radial hidden features are kept for backward.
-            xs = [x[d] for d in self.fiber_in.degrees]
-            for g, mlp in enumerate(self.radial):
-                blocks, bts = self._fused_specs[g], []
-                for b in self._group_blocks[g]:
-                    bts += [basis.kernel_major(d, b.d_out) for d in b.d_ins]
-                outs = fused_conv(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_fused_rows_{g}"),
-                                  blocks, xs, bts, self.chunk_size)
-                for b, o in zip(self._group_blocks[g], outs):
-                    o = o.transpose(1, 2)  # [E, C_out, 2d_out+1]
-                    out[b.d_out] = o if b.d_out not in out else out[b.d_out] + o
-            return out
 
         radial_out = [mlp(radial_in) for mlp in self.radial]
         for d_out in self.fiber_out.degrees:

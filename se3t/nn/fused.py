@@ -85,17 +85,24 @@ def _chunk_sizes(chunk: Optional[int], block: BlockSpec, E: int, device: torch.d
     return n, min(group, max(E, 1))
 
 
-def _build_tmp(block: BlockSpec, xs, bts, s: int, n: int, tmp: Tensor, pbuf: Tensor) -> Tensor:
+def _edge_rows(x: Tensor, x_index: Optional[Tensor], s: int, n: int) -> Tensor:
+    """Edges ``s .. s+n`` of an input: rows of edge-level ``x``, or the rows ``x_index[s:s+n]`` of node-level ``x``."""
+    return x[s:s + n] if x_index is None else x.index_select(0, x_index[s:s + n])
+
+
+def _build_tmp(block: BlockSpec, xs, x_index: Optional[Tensor], bts, s: int, n: int, tmp: Tensor,
+               pbuf: Tensor) -> Tensor:
     """``tmp[:n] = [Bt_c @ x_c^T for each part]`` as ``[n, K, K_in]`` (parts side by side)."""
     t = tmp[:n]
     if len(block.parts) == 1:
         p = block.parts[0]
-        torch.bmm(bts[p.bt][s:s + n], xs[p.x][s:s + n].transpose(1, 2), out=t.view(n, block.K * p.F, p.C))
+        torch.bmm(bts[p.bt][s:s + n], _edge_rows(xs[p.x], x_index, s, n).transpose(1, 2),
+                  out=t.view(n, block.K * p.F, p.C))
         return t
     for p in block.parts:
         width = p.F * p.C
-        part = torch.bmm(bts[p.bt][s:s + n], xs[p.x][s:s + n].transpose(1, 2), out=pbuf[:n * block.K * width]
-                         .view(n, block.K * p.F, p.C))
+        part = torch.bmm(bts[p.bt][s:s + n], _edge_rows(xs[p.x], x_index, s, n).transpose(1, 2),
+                         out=pbuf[:n * block.K * width].view(n, block.K * p.F, p.C))
         t[:, :, p.col:p.col + width].copy_(part.view(n, block.K, width))
     return t
 
@@ -191,8 +198,8 @@ class _FusedConv(torch.autograd.Function):
     # enough for R to stay in L2 run the wide GEMMs (measured on 2-core EPYC: 50-70 GFLOP/s with R <= 2 MiB,
     # 27-30 with 8 MiB).
     @staticmethod
-    def forward(ctx, chunk: Optional[int], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor, h: Tensor,
-                W: Tensor, *xs_bts: Tensor):
+    def forward(ctx, chunk: Optional[int], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor,
+                x_index: Optional[Tensor], h: Tensor, W: Tensor, *xs_bts: Tensor):
         xs, bts = xs_bts[:num_x], xs_bts[num_x:]
         E = h.shape[0]
         outs = []
@@ -209,7 +216,7 @@ class _FusedConv(torch.autograd.Function):
                 rbuf, tmp, pbuf = bufs
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
-                    t = _build_tmp(b, xs, bts, S, m, tmp, pbuf)
+                    t = _build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf)
                     for s in range(0, m, n_max):
                         n = min(n_max, m - s)
                         R = torch.mm(h[S + s:S + s + n], Wj_t, out=rbuf[:n]).view(n, b.c_out, b.k_in)
@@ -218,25 +225,26 @@ class _FusedConv(torch.autograd.Function):
             _run_ranges(forward_range, forward_buffers, lambda _: None, E, n_max, h.device, E * b.c_out * b.k_in)
             outs.append(out)
         ctx.chunk, ctx.blocks, ctx.num_x = chunk, blocks, num_x
-        ctx.save_for_backward(rows, h, W, *xs_bts)
+        ctx.save_for_backward(rows, x_index, h, W, *xs_bts)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):
-        rows, h, W, *xs_bts = ctx.saved_tensors
+        rows, x_index, h, W, *xs_bts = ctx.saved_tensors
         chunk, blocks, num_x = ctx.chunk, ctx.blocks, ctx.num_x
         xs, bts = xs_bts[:num_x], xs_bts[num_x:]
         E = h.shape[0]
-        need_h, need_W = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
-        need_x = ctx.needs_input_grad[6:6 + num_x]
-        need_bt = ctx.needs_input_grad[6 + num_x:]
+        need_h, need_W = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+        need_x = ctx.needs_input_grad[7:7 + num_x]
+        need_bt = ctx.needs_input_grad[7 + num_x:]
         # Accumulate in at least float32 (many chunks; bf16 partial sums would lose bits).
         acc_dtype = torch.promote_types(W.dtype, torch.float32)
         grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
         # grad_W in the parameter's row order: each block's partials are added at its rows (one buffer, no copy).
         grad_W = torch.zeros(W.shape, dtype=acc_dtype, device=W.device) if need_W else None
-        # grad_x kept as [E, L, C] (the natural output of Bt^T @ gtmp), returned as a transposed view.
-        grad_x = [x.new_zeros(x.shape[0], x.shape[2], x.shape[1]) if need else None for x, need in zip(xs, need_x)]
+        # grad_x per edge as [E, L, C] (the natural output of Bt^T @ gtmp), returned as a transposed view (summed
+        # into the nodes' rows for node-level inputs).
+        grad_x = [x.new_zeros(E, x.shape[2], x.shape[1]) if need else None for x, need in zip(xs, need_x)]
         grad_bt = [torch.zeros_like(bt) if need else None for bt, need in zip(bts, need_bt)]
         for b, g_all in zip(blocks, grad_outs):
             if g_all is None:
@@ -258,7 +266,7 @@ class _FusedConv(torch.autograd.Function):
                 gW = torch.zeros(Wj.shape, dtype=acc_dtype, device=W.device) if need_W else None
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
-                    t = _build_tmp(b, xs, bts, S, m, tmp, pbuf) if tmp is not None else None
+                    t = _build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf) if tmp is not None else None
                     for s in range(0, m, n_max):
                         n = min(n_max, m - s)
                         e0, e1 = S + s, S + s + n
@@ -288,7 +296,7 @@ class _FusedConv(torch.autograd.Function):
                         if grad_x[p.x] is not None:
                             grad_x[p.x][S:S + m].baddbmm_(bts[p.bt][S:S + m].transpose(1, 2), gt)
                         if grad_bt[p.bt] is not None:
-                            grad_bt[p.bt][S:S + m].baddbmm_(gt, xs[p.x][S:S + m])
+                            grad_bt[p.bt][S:S + m].baddbmm_(gt, _edge_rows(xs[p.x], x_index, S, m))
                 return gW
 
             # partial grad_W of each range, added in range order: the same sum whichever thread ran which range
@@ -297,18 +305,23 @@ class _FusedConv(torch.autograd.Function):
             _run_ranges(backward_range, backward_buffers, fold, E, n_max, h.device, E * b.c_out * b.k_in)
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
         grad_W = grad_W.to(W.dtype) if grad_W is not None else None
+        if x_index is not None:
+            grad_x = [gx.new_zeros(x.shape[0], *gx.shape[1:]).index_add_(0, x_index, gx) if gx is not None else None
+                      for x, gx in zip(xs, grad_x)]
         grad_x = [gx.transpose(1, 2) if gx is not None else None for gx in grad_x]
-        return (None, None, None, None, grad_h, grad_W, *grad_x, *grad_bt)
+        return (None, None, None, None, None, grad_h, grad_W, *grad_x, *grad_bt)
 
 
 @torch.compiler.disable  # a hand-scheduled kernel: compiling would unroll its chunk loops (one graph break instead)
 def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], xs: Sequence[Tensor],
-               bts: Sequence[Tensor], chunk: Optional[int] = None) -> List[Tensor]:
+               bts: Sequence[Tensor], chunk: Optional[int] = None, x_index: Optional[Tensor] = None) -> List[Tensor]:
     """``out_j[e] = tmp_j[e] @ (W'_j @ h[e]).view(C_out, K_in)^T`` with ``tmp_j[e]`` the parts ``Bt[e] @ x[e]^T``.
 
     Shapes: ``h [E, H]``, ``W [P, H]``, ``rows [P]`` (int64: ``W' = W[rows]`` has the rows of each block ordered
     ``(c_out, d_in, f, c)``; selected per block, never stored), ``xs[i] [E, C_i, L_i]``, ``bts[k] [E, K*F, L]``
     -> ``out_j [E, K_j, C_out_j]`` (component-major) for every block ``j``.
+    ``x_index [E]`` (int64, optional): the ``xs`` are node-level ``[N, C_i, L_i]`` and edge ``e`` reads row
+    ``x_index[e]``: gathered chunk by chunk, so no edge-level copy of the features is made or kept for backward.
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
     preallocated buffers, which autocast does not handle).
     """
@@ -324,4 +337,4 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
         args = [h.to(dtype).contiguous(), W.to(dtype).contiguous()]
         args += [t.to(dtype).contiguous() for t in (*xs, *bts)]
         chunk = None if chunk is None else max(1, int(chunk))
-        return list(_FusedConv.apply(chunk, tuple(blocks), len(xs), rows, *args))
+        return list(_FusedConv.apply(chunk, tuple(blocks), len(xs), rows, x_index, *args))
