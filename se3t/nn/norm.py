@@ -46,7 +46,9 @@ class NormSE3(nn.Module):
         else:
             new_norms = [self.nonlinearity(self.layer_norms[str(d)](n.squeeze(-1))).unsqueeze(-1)
                          for d, n in zip(degrees, norms)]
-        return {d: features[d] / n * nn_ for d, n, nn_ in zip(degrees, norms, new_norms)}
+        # x * (new|x| / |x|): the scale is [N, C, 1], so backward keeps x (already kept by the norm) and the small
+        # scale, not a second feature-sized tensor x / |x|.
+        return {d: features[d] * (nn_ / n) for d, n, nn_ in zip(degrees, norms, new_norms)}
 
     def extra_repr(self) -> str:
         return f"fiber={self.fiber}"
