@@ -361,3 +361,20 @@ def test_fused_kernel_under_bf16_autocast_close_to_fp32():
         err = (out[d].float() - ref[d]).abs().max() / ref[d].abs().max()
         assert err < 5e-2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_attention_edge_dot_gradients_and_memory():
+    """The attention logits' dot product <k[e], q[dst[e]]>: first and second order gradchecks, the plain formula's
+    values, and only node-level q (not the edge-level gather) kept for backward."""
+    from se3t.nn.attention import _EdgeDot
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(9, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    q = torch.randn(5, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    dst = torch.tensor([0, 4, 4, 1, 0, 2, 4, 1, 0])  # node 3 receives nothing
+    fn = lambda k, q: _EdgeDot.apply(k, q, dst) ** 2  # noqa: E731  (non-linear: second order is not trivial)
+    assert torch.autograd.gradcheck(fn, (k, q)) and torch.autograd.gradgradcheck(fn, (k, q))
+    assert torch.allclose(_EdgeDot.apply(k, q, dst), (k * q[dst]).sum(-1), atol=1e-14, rtol=0)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        _EdgeDot.apply(k, q, dst)
+    assert sorted(saved, key=len) == sorted([k.shape, q.shape, dst.shape], key=len)

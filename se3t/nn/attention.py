@@ -22,6 +22,25 @@ def _to_heads(features: Features, fiber: Fiber, num_heads: int) -> Tensor:
                       for d, c in fiber], dim=-1)
 
 
+class _EdgeDot(torch.autograd.Function):
+    """``(k * q[dst]).sum(-1)``: ``k [E, H, D]``, ``q [N, H, D]`` -> ``[E, H]``, keeping node-level ``q`` for
+    backward instead of the edge-level ``q[dst]`` plain autograd would keep. The backward is differentiable
+    (double backward for forces)."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, q: Tensor, dst: Tensor) -> Tensor:
+        ctx.save_for_backward(k, q, dst)
+        return (k * q.index_select(0, dst)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        k, q, dst = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        grad_k = g * q.index_select(0, dst) if ctx.needs_input_grad[0] else None
+        grad_q = torch.zeros_like(q).index_add_(0, dst, g * k) if ctx.needs_input_grad[1] else None
+        return grad_k, grad_q, None
+
+
 class AttentionBlockSE3(nn.Module):
     """Attention block: keys/values by a ConvSE3 (``pool=False``), queries by a LinearSE3 on the nodes,
     edge softmax per head over each node's incoming edges, skip connection by concatenation, projection.
@@ -67,8 +86,8 @@ class AttentionBlockSE3(nn.Module):
         query = self.to_query(node_feats)
 
         k = _to_heads(key, self.key_fiber, self.num_heads)                       # [E, H, Dk]
-        q = _to_heads(query, self.key_fiber, self.num_heads).index_select(0, dst)  # [E, H, Dk]
-        logits = (k * q).sum(-1) * self.scale                                    # [E, H]
+        q = _to_heads(query, self.key_fiber, self.num_heads)                     # [N, H, Dk]
+        logits = _EdgeDot.apply(k, q, dst) * self.scale                          # [E, H]
         alpha = edge_softmax(logits, dst, num_nodes, check=False)[..., None, None]  # [E, H, 1, 1]
 
         z: Features = {}
