@@ -173,16 +173,6 @@ class SE3TransformerPooled(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n, n), nn.ReLU(), nn.Linear(n, output_dim))
         self.output_dim = output_dim
 
-    def _run_modules(self, start: int, stop: int, feats: Features, edge_feats: Features, radial_in: Tensor,
-                     edge_index: Tensor, basis: Basis) -> Features:
-        """``graph_modules[start:stop]`` in order on ``feats``."""
-        for module in self.graph_modules[start:stop]:
-            if isinstance(module, NormSE3):
-                feats = module(feats)
-            else:
-                feats = module(feats, edge_feats, radial_in, edge_index, basis)
-        return feats
-
     def set_fuse_level(self, level: Union[FuseLevel, str, int]) -> None:
         self.transformer.set_fuse_level(level)
 
