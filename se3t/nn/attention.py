@@ -37,7 +37,7 @@ class _EdgeDot(torch.autograd.Function):
         k, q, dst = ctx.saved_tensors
         g = grad.unsqueeze(-1)
         grad_k = g * q.index_select(0, dst) if ctx.needs_input_grad[0] else None
-        grad_q = torch.zeros_like(q).index_add_(0, dst, g * k) if ctx.needs_input_grad[1] else None
+        grad_q = scatter_sum(g * k, dst, q.shape[0], check=False) if ctx.needs_input_grad[1] else None
         return grad_k, grad_q, None
 
 
