@@ -11,6 +11,11 @@ are produced by a single GEMM ``Y @ M`` with a constant, cached matrix ``M``.
 Layout: one contiguous block per input degree, ``[E, 2*d_in+1, W_in]`` with columns ordered by
 ``(d_out, f, m_out)``; every pair is a strided view of its block (no copies). The fused convolution reads each
 pair in its own layout, :meth:`Basis.kernel_major` (a cached copy).
+
+:func:`get_basis` keeps only the spherical harmonics ``Y [E, (2*max_degree+1)**2]`` (49 numbers per edge for
+degree 3 instead of 1,092) and makes the blocks on first use. The fused convolution never asks for them: it
+projects ``Y`` onto each edge chunk's bases itself (:func:`kernel_projection`), so with every conv at
+``FuseLevel.FULL`` no per-edge basis is ever stored.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from .fiber import degree_to_dim
 __all__ = [
     "Basis",
     "get_basis",
+    "kernel_projection",
     "clebsch_gordan",
     "spherical_harmonics",
     "num_frequencies",
@@ -125,25 +131,90 @@ def _projection(max_degree: int, d_in: int, dtype: torch.dtype, device: torch.de
     return _projection_cache[key]
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_projection_float64(d_out: int, d_ins: Tuple[int, ...]) -> Tensor:
+    K = degree_to_dim(d_out)
+    rows = (max(d_ins) + d_out + 1) ** 2  # harmonics of degree J <= d_in + d_out only
+    parts = []
+    for d_in in d_ins:
+        offsets, widths = _layout(max(d_ins + (d_out,)))
+        col, F, _ = offsets[(d_in, d_out)]
+        L = degree_to_dim(d_in)
+        M = _projection_float64(max(d_ins + (d_out,)), d_in).view(-1, L, widths[d_in])[:rows, :, col:col + F * K]
+        parts.append(M.reshape(rows, L, F, K).permute(0, 3, 2, 1).reshape(rows, K * F * L))
+    return torch.cat(parts, dim=1)
+
+
+_kernel_projection_cache: Dict[Tuple[int, Tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+
+
+def kernel_projection(d_out: int, d_ins: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Constant ``M [(max(d_ins) + d_out + 1)**2, sum_d_in (2d_out+1) * F * (2d_in+1)]`` such that
+    ``(Y[:, :rows] @ M)`` holds, side by side, the :meth:`Basis.kernel_major` layout ``[E, (2d_out+1) * F,
+    2d_in+1]`` of every pair ``(d_in, d_out)`` in the order of ``d_ins`` (each flattened). ``Y``: the
+    harmonics of :attr:`Basis.harmonics`. Cached per dtype and device."""
+    key = (int(d_out), tuple(int(d) for d in d_ins), dtype, device)
+    if key not in _kernel_projection_cache:
+        _kernel_projection_cache[key] = _kernel_projection_float64(key[0], key[1]).to(device=device, dtype=dtype)
+    return _kernel_projection_cache[key]
+
+
 class Basis(Mapping):
     """Kernel bases of one edge set: a read-only mapping ``(d_in, d_out) -> Tensor[E, 2d_in+1, F, 2d_out+1]``.
 
     Internally one block per input degree (see the module docstring); :meth:`pair_matrix` gives the
     ``[E, 2d_in+1, F*(2d_out+1)]`` view, :meth:`kernel_major` the fused convolution's layout.
-    Build with :func:`get_basis`, from a plain dict with :meth:`from_pairs`, join per-molecule bases with
-    :meth:`cat`.
+    Build with :func:`get_basis` (holds only the harmonics, :attr:`harmonics`; the blocks are made on first use),
+    from a plain dict with :meth:`from_pairs`, join per-molecule bases with :meth:`cat`.
     """
 
     def __init__(self, blocks: Dict[int, Tensor], max_degree: int):
         self.max_degree = max_degree
-        self.blocks = dict(blocks)
+        self._blocks: Optional[Dict[int, Tensor]] = dict(blocks)
+        self._harmonics: Optional[Tensor] = None
+        self._degrees = tuple(sorted(self._blocks))
         self._offsets, self._widths = _layout(max_degree)
         self._kernel_major: Dict[Pair, Tensor] = {}
-        for d_in, block in self.blocks.items():
+        for d_in, block in self._blocks.items():
             expected = (degree_to_dim(d_in), self._widths[d_in])
             if block.dim() != 3 or tuple(block.shape[1:]) != expected:
                 raise ValueError(f"basis block for d_in={d_in} must be [E, {expected[0]}, {expected[1]}], "
                                  f"got {list(block.shape)}")
+
+    @classmethod
+    def from_harmonics(cls, harmonics: Tensor, max_degree: int, input_degrees: Optional[Sequence[int]] = None
+                       ) -> "Basis":
+        """A basis held as its spherical harmonics ``[E, (2*max_degree+1)**2]`` (see :func:`spherical_harmonics`);
+        the blocks of ``input_degrees`` (default: all) are made on first use."""
+        num_sh = (2 * max_degree + 1) ** 2
+        if harmonics.dim() != 2 or harmonics.shape[1] != num_sh:
+            raise ValueError(f"harmonics for max_degree={max_degree} must be [E, {num_sh}], "
+                             f"got {list(harmonics.shape)}")
+        basis = cls({}, max_degree)
+        basis._blocks, basis._harmonics = None, harmonics
+        basis._degrees = tuple(range(max_degree + 1)) if input_degrees is None else tuple(sorted(set(input_degrees)))
+        return basis
+
+    @property
+    def harmonics(self) -> Optional[Tensor]:
+        """The spherical harmonics ``[E, (2*max_degree+1)**2]`` this basis was made from, or ``None`` when it was
+        built from blocks (:meth:`from_pairs`, :meth:`cat` of such bases)."""
+        return self._harmonics
+
+    @property
+    def blocks(self) -> Dict[int, Tensor]:
+        """``{d_in: [E, 2d_in+1, W_in]}``: made from the harmonics on first use and kept when that is safe (same
+        rules as :meth:`kernel_major`)."""
+        if self._blocks is not None:
+            return self._blocks
+        sh = self._harmonics
+        with torch.autocast(device_type=sh.device.type, enabled=False):
+            blocks = {d: (sh @ _projection(self.max_degree, d, sh.dtype, sh.device)).view(
+                sh.shape[0], degree_to_dim(d), self._widths[d]) for d in self._degrees}
+        made = next(iter(blocks.values()))
+        if made.requires_grad == sh.requires_grad and made.is_inference() == sh.is_inference():
+            self._blocks = blocks
+        return blocks
 
     # Mapping interface --------------------------------------------------------------------------------------
     def __getitem__(self, pair: Pair) -> Tensor:
@@ -153,19 +224,21 @@ class Basis(Mapping):
         return mat.unflatten(-1, (F, K))
 
     def __iter__(self) -> Iterator[Pair]:
-        return iter((d_in, d_out) for d_in in sorted(self.blocks) for d_out in range(self.max_degree + 1))
+        return iter((d_in, d_out) for d_in in self._degrees for d_out in range(self.max_degree + 1))
 
     def __len__(self) -> int:
-        return len(self.blocks) * (self.max_degree + 1)
+        return len(self._degrees) * (self.max_degree + 1)
 
     # Views used by the convolution ---------------------------------------------------------------------------
     @property
     def num_edges(self) -> int:
-        return next(iter(self.blocks.values())).shape[0]
+        if self._harmonics is not None:
+            return self._harmonics.shape[0]
+        return next(iter(self._blocks.values())).shape[0]
 
     def pair_matrix(self, d_in: int, d_out: int) -> Tensor:
         """``[E, 2d_in+1, F*(2d_out+1)]`` (a strided view of the input block)."""
-        if d_in not in self.blocks or d_out > self.max_degree:
+        if d_in not in self._degrees or d_out > self.max_degree:
             raise KeyError(f"basis has no pair ({d_in}, {d_out}); it was built for max_degree={self.max_degree}")
         col, F, K = self._offsets[(d_in, d_out)]
         return self.blocks[d_in][:, :, col: col + F * K]
@@ -226,13 +299,21 @@ class Basis(Mapping):
         max_degree = bases[0].max_degree
         if any(b.max_degree != max_degree for b in bases):
             raise ValueError("cannot concatenate bases of different max_degree")
+        if all(b.harmonics is not None and b._degrees == bases[0]._degrees for b in bases):
+            return cls.from_harmonics(torch.cat([b.harmonics for b in bases]), max_degree, bases[0]._degrees)
         return cls({d: torch.cat([b.blocks[d] for b in bases]) for d in bases[0].blocks}, max_degree)
 
     def to(self, *args, **kwargs) -> "Basis":
+        if self._harmonics is not None:
+            return Basis.from_harmonics(self._harmonics.to(*args, **kwargs), self.max_degree, self._degrees)
         return Basis({d: b.to(*args, **kwargs) for d, b in self.blocks.items()}, self.max_degree)
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.blocks.values())
+        """Bytes this basis holds now: its harmonics, or its blocks (blocks made from harmonics and kept count
+        too)."""
+        held = [self._harmonics] if self._harmonics is not None else []
+        held += list(self._blocks.values()) if self._blocks is not None else []
+        return sum(t.numel() * t.element_size() for t in held)
 
     def __repr__(self) -> str:
         return f"Basis(max_degree={self.max_degree}, num_edges={self.num_edges})"
@@ -242,7 +323,8 @@ def get_basis(rel_pos: Tensor, max_degree: int, input_degrees: Optional[Sequence
     """Kernel bases of all degree pairs up to ``max_degree`` for the edge vectors ``rel_pos [E, 3]``.
 
     Computed in the dtype of ``rel_pos`` (float32 under autocast); gradients flow to ``rel_pos`` when it
-    requires them (forces). ``input_degrees`` limits the input blocks computed (default: all).
+    requires them (forces). ``input_degrees`` limits the input blocks (default: all). Only the harmonics are
+    computed here; the blocks on first use (the fused convolution never needs them).
     """
     if not isinstance(rel_pos, Tensor) or rel_pos.dim() != 2 or rel_pos.shape[-1] != 3:
         raise ValueError(f"rel_pos must be a [E, 3] tensor, got {getattr(rel_pos, 'shape', type(rel_pos))}")
@@ -252,10 +334,4 @@ def get_basis(rel_pos: Tensor, max_degree: int, input_degrees: Optional[Sequence
         raise ValueError(f"max_degree must be >= 0, got {max_degree}")
     with torch.autocast(device_type=rel_pos.device.type, enabled=False):
         sh = spherical_harmonics(rel_pos, 2 * max_degree)
-        E = rel_pos.shape[0]
-        _, widths = _layout(max_degree)
-        blocks: Dict[int, Tensor] = {}
-        for d_in in (range(max_degree + 1) if input_degrees is None else sorted(set(input_degrees))):
-            M = _projection(max_degree, d_in, sh.dtype, sh.device)
-            blocks[d_in] = (sh @ M).view(E, degree_to_dim(d_in), widths[d_in])
-    return Basis(blocks, max_degree)
+    return Basis.from_harmonics(sh, max_degree, input_degrees)

@@ -79,12 +79,46 @@ def test_clebsch_gordan_cached_float64_and_checked():
 def test_from_pairs_and_cat_roundtrip():
     a, b = get_basis(torch.randn(3, 3), 2), get_basis(torch.randn(4, 3), 2)
     joined = Basis.cat([a, b])
+    # bases held as harmonics join as harmonics (bitwise); their blocks agree to rounding (one GEMM vs two)
+    assert torch.equal(joined.harmonics, torch.cat([a.harmonics, b.harmonics]))
     plain = {k: torch.cat([a[k], b[k]]) for k in a}
     rebuilt = Basis.from_pairs(plain)
+    assert rebuilt.harmonics is None
+    rejoined = Basis.cat([Basis.from_pairs({k: v[:3] for k, v in plain.items()}), b])  # blocks + harmonics
     for k in plain:
-        assert torch.equal(rebuilt[k], plain[k]) and torch.equal(joined[k], plain[k])
+        assert torch.equal(rebuilt[k], plain[k]) and torch.equal(rejoined[k], plain[k])
+        assert torch.allclose(joined[k], plain[k], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="must be"):
         Basis.from_pairs({(0, 0): torch.zeros(3, 2, 1, 1)})
+
+
+def test_blocks_are_made_from_harmonics_on_first_use_and_kept_only_when_safe():
+    rel = torch.randn(6, 3, dtype=torch.float64)
+    basis = get_basis(rel, 3)
+    assert basis.harmonics.shape == (6, 49) and basis.nbytes() == 6 * 49 * 8  # 49 numbers per edge, not 1,092
+    reference = Basis.from_pairs({k: basis[k] for k in basis})
+    assert basis.nbytes() == 6 * (49 + 1092) * 8  # made once, then kept
+    for k in reference:
+        assert torch.equal(basis[k], reference[k])
+    # made under no_grad from harmonics that require grad: used, but not kept (would silently drop gradients)
+    rel = rel.clone().requires_grad_(True)
+    basis = get_basis(rel, 2)
+    with torch.no_grad():
+        assert basis[(1, 2)].grad_fn is None
+    assert basis.nbytes() == basis.harmonics.numel() * 8
+    assert basis[(1, 2)].grad_fn is not None
+    with pytest.raises(ValueError, match=r"\[E, 25\]"):
+        Basis.from_harmonics(torch.zeros(4, 16), 2)
+
+
+@pytest.mark.parametrize("d_out, d_ins", [(0, (0,)), (2, (1, 3)), (3, (0, 1, 2, 3))])
+def test_kernel_projection_gives_the_kernel_major_bases(d_out, d_ins):
+    from se3t.basis import kernel_projection
+    basis = get_basis(torch.randn(5, 3, dtype=torch.float64), 3)
+    M = kernel_projection(d_out, d_ins, torch.float64, torch.device("cpu"))
+    made = basis.harmonics[:, :M.shape[0]] @ M
+    expected = torch.cat([basis.kernel_major(d, d_out).flatten(1) for d in d_ins], dim=1)
+    assert M.shape[0] == (max(d_ins) + d_out + 1) ** 2 and torch.allclose(made, expected, atol=1e-13, rtol=0)
 
 
 def test_bad_input():

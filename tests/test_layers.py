@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from se3t import AttentionBlockSE3, ConvSE3, Fiber, FuseLevel, LinearSE3, NormSE3, get_basis
+from se3t import AttentionBlockSE3, Basis, ConvSE3, Fiber, FuseLevel, LinearSE3, NormSE3, get_basis
 from se3t.basis import safe_norm
 from se3t.testing import assert_equivariant
 
@@ -266,6 +266,71 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, monkeypatch):
         ref = fused_conv(h, W, rows, blocks, [v[x_index] for v in nodes], bts, chunk=chunk)
         out = fused_conv(h, W, rows, blocks, nodes, bts, chunk=chunk, x_index=x_index)
     assert all(torch.equal(a, b) for a, b in zip(ref, out))
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["calling-thread", "worker-threads"])
+def test_fused_kernel_from_harmonics_gradcheck(parallel, monkeypatch):
+    """Bases made per edge group from harmonics (``sh @ M_j``): gradcheck of every input including ``sh``, and
+    the same outputs as the kernel given those bases materialised."""
+    from se3t.nn import fused
+    from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
+    monkeypatch.setattr(fused, "PARALLEL_RANGES", parallel)
+    monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    E = 9
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g).requires_grad_(True)  # noqa: E731
+    h, xs, sh = rnd(E, 4), [rnd(E, 2, 1), rnd(E, 3, 3)], rnd(E, 9)
+    # block 0: d_out=1 (K=3) from d_in 0 (F=1, L=1) and d_in 1 (F=3, L=3): basis columns 3 + 27 from 9 harmonics
+    # block 1: d_out=0 (K=1) from d_in 1 (F=1, L=3): 3 columns from the first 4 harmonics only
+    projections = [torch.randn(9, 30, dtype=torch.float64, generator=g),
+                   torch.randn(4, 3, dtype=torch.float64, generator=g)]
+    blocks = [BlockSpec(0, 2, 3, 11, (PartSpec(0, 0, 0, 1, 2), PartSpec(1, 1, 2, 3, 3))),
+              BlockSpec(22, 3, 1, 3, (PartSpec(1, 2, 0, 1, 3),))]
+    W = rnd(22 + 9, 4)
+    rows = torch.randperm(W.shape[0], generator=g)
+    for x_index, inputs in ((None, xs), (torch.tensor([3, 0, 3, 1, 4, 4, 0, 3, 1]), [rnd(6, 2, 1), rnd(6, 3, 3)])):
+        assert torch.autograd.gradcheck(
+            lambda h, W, sh, *x: fused_conv(h, W, rows, blocks, x, projections, chunk=1, x_index=x_index, sh=sh),
+            (h, W, sh, *inputs))
+    with torch.no_grad():
+        b0, b1 = sh @ projections[0], sh[:, :4] @ projections[1]
+        bts = [b0[:, :3].reshape(E, 3, 1), b0[:, 3:].reshape(E, 9, 3), b1.reshape(E, 1, 3)]
+        ref = fused_conv(h, W, rows, blocks, xs, bts, chunk=1)
+        out = fused_conv(h, W, rows, blocks, xs, projections, chunk=1, sh=sh)
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(ref, out))
+    with pytest.raises(ValueError, match="one projection"):
+        fused_conv(h, W, rows, blocks, xs, projections[:1], sh=sh)
+
+
+def test_conv_full_from_harmonics_equals_from_blocks():
+    """The FULL conv on a basis held as harmonics (bases made per edge group, never stored) and on the same basis
+    as materialised blocks: same outputs and gradients (parameters, features, positions); the harmonics basis
+    stays unmaterialised through forward and backward."""
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE.restrict([0]), self_interaction=True,
+                    use_layer_norm=True).double()
+    layer.chunk_size = 3
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
+    e = {0: e[0]}
+    pos.requires_grad_(True)
+    xs = {d: v.clone().requires_grad_(True) for d, v in x.items()}
+    res = []
+    for materialise in (False, True):
+        rel = pos[ei[1]] - pos[ei[0]]
+        radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1)
+        basis = get_basis(rel, 2)
+        if materialise:
+            basis = Basis.from_pairs(dict(basis))
+        out = layer(xs, e, radial_in, ei, basis)
+        loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
+        res.append([*out.values(), *torch.autograd.grad(loss, [pos, *xs.values(), *layer.parameters()])])
+        if not materialise:
+            assert basis.nbytes() == ei.shape[1] * 25 * 8  # only the harmonics (float64) were ever held
+    for a, b in zip(*res):
+        assert torch.allclose(a, b, atol=1e-11, rtol=0)
+    with pytest.raises(ValueError, match="max_degree=1"):
+        layer(xs, e, radial_in, ei, get_basis(rel, 1))
 
 
 def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(monkeypatch):

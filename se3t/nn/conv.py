@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..basis import Basis, num_frequencies
+from ..basis import Basis, kernel_projection, num_frequencies
 from ..fiber import Features, Fiber, degree_to_dim
 from ..scatter import scatter_sum
 from .fused import BlockSpec, PartSpec, fused_conv
@@ -198,19 +198,24 @@ class ConvSE3(nn.Module):
         out: Features = {}
         if level == FuseLevel.FULL:
             # x @ B, the radial last layer and the contraction in one chunked kernel (see se3t.nn.fused): only
-            # x, the bases and the radial hidden features are kept for backward. Without edge features of degree
-            # > 0, x is the source nodes' features: the kernel gathers them per chunk (no edge-level copy).
+            # x, the bases (as harmonics when the basis has them) and the radial hidden features are kept for
+            # backward. Without edge features of degree > 0, x is the source nodes' features: the kernel gathers
+            # them per chunk (no edge-level copy).
             if any(d > 0 and self.fiber_edge[d] for d in self.fiber_in.degrees):
                 x, x_index = self._source_features(node_feats, edge_feats, src), None
             else:
                 x, x_index = node_feats, src
             xs = [x[d] for d in self.fiber_in.degrees]
+            sh = basis.harmonics
             for g, mlp in enumerate(self.radial):
                 blocks, bts = self._fused_specs[g], []
                 for b in self._group_blocks[g]:
-                    bts += [basis.kernel_major(d, b.d_out) for d in b.d_ins]
+                    if sh is not None:  # the block's bases are made per edge group from the harmonics
+                        bts.append(kernel_projection(b.d_out, b.d_ins, sh.dtype, sh.device))
+                    else:
+                        bts += [basis.kernel_major(d, b.d_out) for d in b.d_ins]
                 outs = fused_conv(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_fused_rows_{g}"),
-                                  blocks, xs, bts, self.chunk_size, x_index=x_index)
+                                  blocks, xs, bts, self.chunk_size, x_index=x_index, sh=sh)
                 for b, o in zip(self._group_blocks[g], outs):
                     o = o.transpose(1, 2)  # [E, C_out, 2d_out+1]
                     out[b.d_out] = o if b.d_out not in out else out[b.d_out] + o
@@ -243,6 +248,8 @@ class ConvSE3(nn.Module):
 
     def forward(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
                 edge_index: Tensor, basis: Basis) -> Features:
+        if basis.max_degree < self.max_degree:
+            raise ValueError(f"basis was built for max_degree={basis.max_degree}; this conv needs {self.max_degree}")
         src, dst = edge_index[0], edge_index[1]
         if self.low_memory and torch.is_grad_enabled():
             msgs = checkpoint(self.edge_messages, node_feats, edge_feats, radial_in, src, basis, use_reentrant=False)

@@ -12,7 +12,10 @@ keep. Here, for each output-degree block ``j`` (rows ``W_j``) and each chunk of 
     backward: tmp_jc and R_jc again;  gtmp = g_jc @ R_jc;  grad_x_c(d_in) += Bt_c^T @ gtmp(d_in);
               gR_jc = g_jc^T @ tmp_jc;  grad_W_j += gR_jc^T @ h_c;  grad_h_c += gR_jc @ W_j
 
-Nothing per edge beyond the inputs is saved for backward. Layouts ("component-major", see ``Basis.kernel_major``):
+Nothing per edge beyond the inputs is saved for backward. The bases can be given materialised (``Bt`` per
+pair) or as the edges' spherical harmonics ``Y`` with one constant projection ``M_j`` per block: then each group
+of edges gets its block's bases as ``Y_g @ M_j`` (about 3 % of the radial GEMM's FLOPs) and no per-edge basis
+exists at all (the gradient goes to ``Y``). Layouts ("component-major", see ``Basis.kernel_major``):
 ``Bt [E, K*F, L]`` with rows ``(m_out, f)``, so ``Bt @ x^T`` is ``[E, K, F*C]``: the block's ``tmp [E, K, K_in]``
 has its input columns ordered ``(d_in, f, c)``, and ``W_j`` must be given with its rows in that order
 (:class:`se3t.nn.conv.ConvSE3` permutes them). Each per-edge product is then ``(small K) x K_in @ K_in x C_out``:
@@ -54,7 +57,7 @@ class PartSpec(NamedTuple):
     """One input degree of a block: which ``x`` and ``Bt`` it uses and where its columns start in ``K_in``."""
 
     x: int        # index into xs ([E, C, L])
-    bt: int       # index into bts ([E, K*F, L])
+    bt: int       # index into bts ([E, K*F, L]; unused with harmonics: the block's projection gives the part)
     col: int      # first column of the part in the block's K_in
     F: int        # radial frequencies of the pair
     C: int        # input channels
@@ -90,18 +93,48 @@ def _edge_rows(x: Tensor, x_index: Optional[Tensor], s: int, n: int) -> Tensor:
     return x[s:s + n] if x_index is None else x.index_select(0, x_index[s:s + n])
 
 
-def _build_tmp(block: BlockSpec, xs, x_index: Optional[Tensor], bts, s: int, n: int, tmp: Tensor,
+class _Bases(NamedTuple):
+    """The bases as the kernel reads them: materialised ``bts`` (one per part), or ``sh [E, S]`` with one
+    projection ``[S_j, W_j]`` per block in ``bts`` (its parts' kernel-major bases side by side)."""
+
+    bts: Sequence[Tensor]
+    sh: Optional[Tensor]
+
+    def width(self, j: int) -> int:
+        """Basis values per edge of block ``j`` (0 when materialised: no group buffer needed)."""
+        return 0 if self.sh is None else self.bts[j].shape[1]
+
+    def group(self, j: int, block: BlockSpec, dims: Sequence[int], s: int, n: int, buf: Optional[Tensor],
+              cast: Optional[Tensor]) -> List[Tensor]:
+        """Edges ``s .. s+n`` of every part's ``Bt [n, K*F, L]`` (``dims``: each part's ``L``): views of the
+        materialised bases, or ``Y_g @ M_j`` made in ``buf`` (in the harmonics' dtype; copied to ``cast``, in the
+        compute dtype, when that differs)."""
+        if self.sh is None:
+            return [self.bts[p.bt][s:s + n] for p in block.parts]
+        M = self.bts[j]
+        g = torch.mm(self.sh[s:s + n, :M.shape[0]], M, out=buf[:n * M.shape[1]].view(n, M.shape[1]))
+        if cast is not None:
+            g = cast[:g.numel()].view(g.shape).copy_(g)
+        views, col = [], 0
+        for p, L in zip(block.parts, dims):
+            w = block.K * p.F * L
+            views.append(g[:, col:col + w].view(n, block.K * p.F, L))
+            col += w
+        return views
+
+
+def _build_tmp(block: BlockSpec, xs, x_index: Optional[Tensor], bases: List[Tensor], s: int, n: int, tmp: Tensor,
                pbuf: Tensor) -> Tensor:
-    """``tmp[:n] = [Bt_c @ x_c^T for each part]`` as ``[n, K, K_in]`` (parts side by side)."""
+    """``tmp[:n] = [Bt_c @ x_c^T for each part]`` as ``[n, K, K_in]`` (parts side by side); ``bases``: the
+    parts' ``Bt`` rows of these edges."""
     t = tmp[:n]
     if len(block.parts) == 1:
         p = block.parts[0]
-        torch.bmm(bts[p.bt][s:s + n], _edge_rows(xs[p.x], x_index, s, n).transpose(1, 2),
-                  out=t.view(n, block.K * p.F, p.C))
+        torch.bmm(bases[0], _edge_rows(xs[p.x], x_index, s, n).transpose(1, 2), out=t.view(n, block.K * p.F, p.C))
         return t
-    for p in block.parts:
+    for p, bt in zip(block.parts, bases):
         width = p.F * p.C
-        part = torch.bmm(bts[p.bt][s:s + n], _edge_rows(xs[p.x], x_index, s, n).transpose(1, 2),
+        part = torch.bmm(bt, _edge_rows(xs[p.x], x_index, s, n).transpose(1, 2),
                          out=pbuf[:n * block.K * width].view(n, block.K * p.F, p.C))
         t[:, :, p.col:p.col + width].copy_(part.view(n, block.K, width))
     return t
@@ -199,24 +232,31 @@ class _FusedConv(torch.autograd.Function):
     # 27-30 with 8 MiB).
     @staticmethod
     def forward(ctx, chunk: Optional[int], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor,
-                x_index: Optional[Tensor], h: Tensor, W: Tensor, *xs_bts: Tensor):
-        xs, bts = xs_bts[:num_x], xs_bts[num_x:]
+                x_index: Optional[Tensor], with_sh: bool, h: Tensor, W: Tensor, *xs_bts: Tensor):
+        xs = xs_bts[:num_x]
+        bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
+        cast = bases.sh is not None and bases.sh.dtype != h.dtype
         E = h.shape[0]
         outs = []
-        for b in blocks:
+        for j, b in enumerate(blocks):
             out = h.new_empty(E, b.K, b.c_out)
             Wj_t = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in]).t()
             n_max, group = _chunk_sizes(chunk, b, E, h.device)
+            dims = [xs[p.x].shape[2] for p in b.parts]
 
-            def forward_buffers(b=b, n_max=n_max, group=group) -> Tuple[Tensor, Tensor, Tensor]:
+            def forward_buffers(b=b, j=j, n_max=n_max, group=group):
+                width = bases.width(j)
                 return (h.new_empty(n_max, b.c_out * b.k_in), h.new_empty(group, b.K, b.k_in),
-                        h.new_empty(group * b.K * b.k_in))
+                        h.new_empty(group * b.K * b.k_in),
+                        bases.sh.new_empty(group * width) if width else None,
+                        h.new_empty(group * width) if (width and cast) else None)
 
-            def forward_range(lo: int, hi: int, bufs, b=b, out=out, Wj_t=Wj_t, n_max=n_max, group=group) -> None:
-                rbuf, tmp, pbuf = bufs
+            def forward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, out=out, Wj_t=Wj_t, n_max=n_max,
+                              group=group) -> None:
+                rbuf, tmp, pbuf, bbuf, cbuf = bufs
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
-                    t = _build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf)
+                    t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
                     for s in range(0, m, n_max):
                         n = min(n_max, m - s)
                         R = torch.mm(h[S + s:S + s + n], Wj_t, out=rbuf[:n]).view(n, b.c_out, b.k_in)
@@ -224,19 +264,22 @@ class _FusedConv(torch.autograd.Function):
 
             _run_ranges(forward_range, forward_buffers, lambda _: None, E, n_max, h.device, E * b.c_out * b.k_in)
             outs.append(out)
-        ctx.chunk, ctx.blocks, ctx.num_x = chunk, blocks, num_x
+        ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh = chunk, blocks, num_x, with_sh
         ctx.save_for_backward(rows, x_index, h, W, *xs_bts)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):
         rows, x_index, h, W, *xs_bts = ctx.saved_tensors
-        chunk, blocks, num_x = ctx.chunk, ctx.blocks, ctx.num_x
-        xs, bts = xs_bts[:num_x], xs_bts[num_x:]
+        chunk, blocks, num_x, with_sh = ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh
+        xs = xs_bts[:num_x]
+        bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
+        cast = bases.sh is not None and bases.sh.dtype != h.dtype
         E = h.shape[0]
-        need_h, need_W = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
-        need_x = ctx.needs_input_grad[7:7 + num_x]
-        need_bt = ctx.needs_input_grad[7 + num_x:]
+        need_h, need_W = ctx.needs_input_grad[6], ctx.needs_input_grad[7]
+        need_x = ctx.needs_input_grad[8:8 + num_x]
+        # with harmonics the "bts" are constant projections (one per block, no gradient; parts index nothing)
+        need_bt = ctx.needs_input_grad[8 + num_x:] if not with_sh else ()
         # Accumulate in at least float32 (many chunks; bf16 partial sums would lose bits).
         acc_dtype = torch.promote_types(W.dtype, torch.float32)
         grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
@@ -245,27 +288,40 @@ class _FusedConv(torch.autograd.Function):
         # grad_x per edge as [E, L, C] (the natural output of Bt^T @ gtmp), returned as a transposed view (summed
         # into the nodes' rows for node-level inputs).
         grad_x = [x.new_zeros(E, x.shape[2], x.shape[1]) if need else None for x, need in zip(xs, need_x)]
-        grad_bt = [torch.zeros_like(bt) if need else None for bt, need in zip(bts, need_bt)]
-        for b, g_all in zip(blocks, grad_outs):
+        grad_bt = [torch.zeros_like(bt) if need else None for bt, need in zip(bases.bts, need_bt)]
+        bt_grad = (lambda p: None) if with_sh else (lambda p: grad_bt[p.bt])
+        grad_sh = None
+        if with_sh and ctx.needs_input_grad[8 + num_x]:  # each edge range adds into its own rows
+            grad_sh = torch.zeros(bases.sh.shape, dtype=torch.promote_types(bases.sh.dtype, acc_dtype),
+                                  device=h.device)
+        for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
             if g_all is None:
                 continue
             g_all = g_all.contiguous()
-            parts_in = [p for p in b.parts if grad_x[p.x] is not None or grad_bt[p.bt] is not None]
+            parts_in = [p for p in b.parts
+                        if grad_x[p.x] is not None or bt_grad(p) is not None or grad_sh is not None]
             Wj = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in])
             n_max, group = _chunk_sizes(chunk, b, E, h.device)
+            dims = [xs[p.x].shape[2] for p in b.parts]
+            # column of each part in the block's projection (harmonics only)
+            part_cols = [sum(b.K * q.F * L for q, L in zip(b.parts[:i], dims)) for i in range(len(b.parts))]
 
-            def backward_buffers(b=b, parts_in=parts_in, n_max=n_max, group=group):
+            def backward_buffers(b=b, j=j, parts_in=parts_in, n_max=n_max, group=group):
+                width = bases.width(j)
                 return (h.new_empty(n_max, b.c_out * b.k_in),
                         h.new_empty(group, b.K, b.k_in) if (need_h or need_W) else None,
                         h.new_empty(group, b.K, b.k_in) if parts_in else None,
-                        h.new_empty(group * b.K * b.k_in))
+                        h.new_empty(group * b.K * b.k_in),
+                        bases.sh.new_empty(group * width) if width else None,
+                        h.new_empty(group * width) if (width and cast) else None)
 
-            def backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in, Wj=Wj,
-                               n_max=n_max, group=group) -> Optional[Tensor]:
-                rbuf, tmp, gtmp, pbuf = bufs
+            def backward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, part_cols=part_cols, g_all=g_all,
+                               parts_in=parts_in, Wj=Wj, n_max=n_max, group=group) -> Optional[Tensor]:
+                rbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
                 gW = torch.zeros(Wj.shape, dtype=acc_dtype, device=W.device) if need_W else None
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
+                    bts = bases.group(j, b, dims, S, m, bbuf, cbuf)
                     t = _build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf) if tmp is not None else None
                     for s in range(0, m, n_max):
                         n = min(n_max, m - s)
@@ -285,7 +341,9 @@ class _FusedConv(torch.autograd.Function):
                             _accumulate_mm(gW, gR.t(), h[e0:e1])
                         if need_h:
                             _accumulate_mm(grad_h[e0:e1], gR, Wj)
-                    for p in parts_in:  # gradient of tmp's part -> grad of x and of the basis
+                    for i, p in enumerate(b.parts):  # gradient of tmp's part -> grad of x and of the basis
+                        if p not in parts_in:
+                            continue
                         width = p.F * p.C
                         if len(b.parts) == 1:
                             gt = gtmp[:m].view(m, b.K * p.F, p.C)
@@ -294,9 +352,14 @@ class _FusedConv(torch.autograd.Function):
                             gt.copy_(gtmp[:m, :, p.col:p.col + width])
                             gt = gt.view(m, b.K * p.F, p.C)
                         if grad_x[p.x] is not None:
-                            grad_x[p.x][S:S + m].baddbmm_(bts[p.bt][S:S + m].transpose(1, 2), gt)
-                        if grad_bt[p.bt] is not None:
-                            grad_bt[p.bt][S:S + m].baddbmm_(gt, _edge_rows(xs[p.x], x_index, S, m))
+                            grad_x[p.x][S:S + m].baddbmm_(bts[i].transpose(1, 2), gt)
+                        if bt_grad(p) is not None:
+                            bt_grad(p)[S:S + m].baddbmm_(gt, _edge_rows(xs[p.x], x_index, S, m))
+                        if grad_sh is not None:  # d(loss)/dY = d(loss)/dBt @ M_part^T
+                            gb = torch.bmm(gt, _edge_rows(xs[p.x], x_index, S, m)).view(m, -1)
+                            M = bases.bts[j]
+                            grad_sh[S:S + m, :M.shape[0]].addmm_(
+                                gb.to(grad_sh.dtype), M[:, part_cols[i]:part_cols[i] + gb.shape[1]].t().to(grad_sh.dtype))
                 return gW
 
             # partial grad_W of each range, added in range order: the same sum whichever thread ran which range
@@ -309,12 +372,16 @@ class _FusedConv(torch.autograd.Function):
             grad_x = [gx.new_zeros(x.shape[0], *gx.shape[1:]).index_add_(0, x_index, gx) if gx is not None else None
                       for x, gx in zip(xs, grad_x)]
         grad_x = [gx.transpose(1, 2) if gx is not None else None for gx in grad_x]
-        return (None, None, None, None, None, grad_h, grad_W, *grad_x, *grad_bt)
+        if with_sh:
+            grad_sh = grad_sh.to(bases.sh.dtype) if grad_sh is not None else None
+            return (None,) * 6 + (grad_h, grad_W, *grad_x, grad_sh) + (None,) * len(bases.bts)
+        return (None,) * 6 + (grad_h, grad_W, *grad_x, *grad_bt)
 
 
 @torch.compiler.disable  # a hand-scheduled kernel: compiling would unroll its chunk loops (one graph break instead)
 def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], xs: Sequence[Tensor],
-               bts: Sequence[Tensor], chunk: Optional[int] = None, x_index: Optional[Tensor] = None) -> List[Tensor]:
+               bts: Sequence[Tensor], chunk: Optional[int] = None, x_index: Optional[Tensor] = None,
+               sh: Optional[Tensor] = None) -> List[Tensor]:
     """``out_j[e] = tmp_j[e] @ (W'_j @ h[e]).view(C_out, K_in)^T`` with ``tmp_j[e]`` the parts ``Bt[e] @ x[e]^T``.
 
     Shapes: ``h [E, H]``, ``W [P, H]``, ``rows [P]`` (int64: ``W' = W[rows]`` has the rows of each block ordered
@@ -322,11 +389,15 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     -> ``out_j [E, K_j, C_out_j]`` (component-major) for every block ``j``.
     ``x_index [E]`` (int64, optional): the ``xs`` are node-level ``[N, C_i, L_i]`` and edge ``e`` reads row
     ``x_index[e]``: gathered chunk by chunk, so no edge-level copy of the features is made or kept for backward.
+    ``sh [E, S]`` (optional): the edges' spherical harmonics; ``bts`` are then one constant projection per block,
+    ``[S_j, W_j]`` (:func:`se3t.basis.kernel_projection`, ``S_j <= S``), and each group of edges makes its bases
+    as ``sh @ M_j`` (in ``sh``'s dtype, at least the compute dtype): no per-edge basis is stored; gradients go to
+    ``sh``, none to the projections.
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
     preallocated buffers, which autocast does not handle).
     """
     device_type = h.device.type
-    tensors = [h, W, *xs, *bts]
+    tensors = [h, W, *xs] + ([sh] if sh is not None else list(bts))
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
@@ -335,6 +406,14 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
             dtype = torch.promote_types(dtype, t.dtype)
     with torch.autocast(device_type, enabled=False):
         args = [h.to(dtype).contiguous(), W.to(dtype).contiguous()]
-        args += [t.to(dtype).contiguous() for t in (*xs, *bts)]
+        args += [t.to(dtype).contiguous() for t in xs]
+        if sh is not None:
+            basis_dtype = torch.promote_types(sh.dtype, dtype)
+            if len(bts) != len(blocks) or any(M.dim() != 2 or M.shape[0] > sh.shape[1] for M in bts):
+                raise ValueError(f"with harmonics sh [E, {sh.shape[1]}], bts must be one projection [S_j <= "
+                                 f"{sh.shape[1]}, W_j] per block, got {[list(M.shape) for M in bts]}")
+            args += [sh.to(basis_dtype).contiguous()] + [M.to(basis_dtype).contiguous() for M in bts]
+        else:
+            args += [t.to(dtype).contiguous() for t in bts]
         chunk = None if chunk is None else max(1, int(chunk))
-        return list(_FusedConv.apply(chunk, tuple(blocks), len(xs), rows, x_index, *args))
+        return list(_FusedConv.apply(chunk, tuple(blocks), len(xs), rows, x_index, sh is not None, *args))
