@@ -127,7 +127,8 @@ _projection_cache: Dict[Tuple[int, int, torch.dtype, torch.device], Tensor] = {}
 def _projection(max_degree: int, d_in: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     key = (max_degree, d_in, dtype, device)
     if key not in _projection_cache:
-        _projection_cache[key] = _projection_float64(max_degree, d_in).to(device=device, dtype=dtype)
+        with torch.inference_mode(False):  # a cached constant must be a normal tensor, usable with autograd later
+            _projection_cache[key] = _projection_float64(max_degree, d_in).to(device=device, dtype=dtype)
     return _projection_cache[key]
 
 
@@ -155,7 +156,8 @@ def kernel_projection(d_out: int, d_ins: Sequence[int], dtype: torch.dtype, devi
     harmonics of :attr:`Basis.harmonics`. Cached per dtype and device."""
     key = (int(d_out), tuple(int(d) for d in d_ins), dtype, device)
     if key not in _kernel_projection_cache:
-        _kernel_projection_cache[key] = _kernel_projection_float64(key[0], key[1]).to(device=device, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor, usable with autograd later
+            _kernel_projection_cache[key] = _kernel_projection_float64(key[0], key[1]).to(device=device, dtype=dtype)
     return _kernel_projection_cache[key]
 
 

@@ -429,17 +429,46 @@ def test_fused_kernel_under_bf16_autocast_close_to_fp32():
 
 
 def test_attention_edge_dot_gradients_and_memory():
-    """The attention logits' dot product <k[e], q[dst[e]]>: first and second order gradchecks, the plain formula's
-    values, and only node-level q (not the edge-level gather) kept for backward."""
+    """The attention logits' dot product sum_d <k_d[e], q_d[dst[e]]> over two degrees: first and second order
+    gradchecks, the plain formula's values, and only the given keys (here strided views, as the conv's outputs
+    are) and node-level queries kept for backward: no copies, no edge-level gather."""
     from se3t.nn.attention import _EdgeDot
     g = torch.Generator().manual_seed(0)
-    k = torch.randn(9, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    q = torch.randn(5, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)  # noqa: E731
+    kv0, kv1 = rnd(9, 1, 8), rnd(9, 3, 8)  # component-major conv outputs [E, 2d+1, C]; keys are channels 4..7
+    k0, k1 = (kv[:, :, 4:].transpose(1, 2).unflatten(1, (2, 2)) for kv in (kv0, kv1))  # [E, H=2, 2, 2d+1] views
+    q0, q1 = rnd(5, 2, 2, 1), rnd(5, 2, 2, 3)
     dst = torch.tensor([0, 4, 4, 1, 0, 2, 4, 1, 0])  # node 3 receives nothing
-    fn = lambda k, q: _EdgeDot.apply(k, q, dst) ** 2  # noqa: E731  (non-linear: second order is not trivial)
-    assert torch.autograd.gradcheck(fn, (k, q)) and torch.autograd.gradgradcheck(fn, (k, q))
-    assert torch.allclose(_EdgeDot.apply(k, q, dst), (k * q[dst]).sum(-1), atol=1e-14, rtol=0)
+    fn = lambda *a: _EdgeDot.apply(dst, *a) ** 2  # noqa: E731  (non-linear: second order is not trivial)
+    assert torch.autograd.gradcheck(fn, (k0, k1, q0, q1)) and torch.autograd.gradgradcheck(fn, (k0, k1, q0, q1))
+    plain = (k0 * q0[dst]).sum((-2, -1)) + (k1 * q1[dst]).sum((-2, -1))
+    assert torch.allclose(_EdgeDot.apply(dst, k0, k1, q0, q1), plain, atol=1e-14, rtol=0)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        _EdgeDot.apply(k, q, dst)
-    assert sorted(saved, key=len) == sorted([k.shape, q.shape, dst.shape], key=len)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _EdgeDot.apply(dst, k0, k1, q0, q1)
+    assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in (dst, k0, k1, q0, q1)]
+    assert {t.untyped_storage().data_ptr() for t in saved[1:3]} == {kv0.untyped_storage().data_ptr(),
+                                                                    kv1.untyped_storage().data_ptr()}
+
+
+def test_channel_mix_gradients_memory_and_autocast():
+    """W @ x per node (LinearSE3, the self-interaction, the attention projection): gradcheck and gradgradcheck,
+    torch.matmul's values, x itself (not a transposed copy) kept for backward, and a bf16 autocast backward."""
+    from se3t.nn.linear import channel_mix
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(5, 8, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = lambda W, x: channel_mix(W[:, 2:], x[:, :6]).sin()  # noqa: E731  (weight column view, as the projection)
+    assert torch.autograd.gradcheck(fn, (W, x)) and torch.autograd.gradgradcheck(fn, (W, x))
+    assert torch.equal(channel_mix(W, x), torch.matmul(W, x))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        channel_mix(W, x)
+    assert [t.data_ptr() for t in saved] == [W.data_ptr(), x.data_ptr()]
+    Wf, xf = W.detach().float().requires_grad_(True), x.detach().float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = channel_mix(Wf, xf)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert Wf.grad.dtype == torch.float32 and xf.grad.dtype == torch.float32
+    assert torch.allclose(xf.grad, W.detach().float().sum(0)[None, :, None].expand_as(xf), rtol=1e-2)

@@ -11,34 +11,44 @@ from ..basis import Basis
 from ..fiber import Features, Fiber
 from ..scatter import edge_softmax, scatter_sum
 from .conv import ConvSE3, FuseLevel
-from .linear import LinearSE3
+from .linear import LinearSE3, channel_mix
 
 __all__ = ["AttentionBlockSE3"]
 
 
-def _to_heads(features: Features, fiber: Fiber, num_heads: int) -> Tensor:
-    """``{d: [M, C_d, 2d+1]} -> [M, H, sum_d C_d/H * (2d+1)]``: head ``h`` takes channel chunk ``h`` of every degree."""
-    return torch.cat([features[d].reshape(features[d].shape[0], num_heads, c // num_heads * (2 * d + 1))
-                      for d, c in fiber], dim=-1)
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """``[M, C, 2d+1] -> [M, H, C/H, 2d+1]`` (head ``h`` takes channel chunk ``h``): always a view, whatever the
+    strides (the conv's outputs are transposed views of component-major tensors)."""
+    return x.unflatten(1, (num_heads, x.shape[1] // num_heads))
 
 
 class _EdgeDot(torch.autograd.Function):
-    """``(k * q[dst]).sum(-1)``: ``k [E, H, D]``, ``q [N, H, D]`` -> ``[E, H]``, keeping node-level ``q`` for
-    backward instead of the edge-level ``q[dst]`` plain autograd would keep. The backward is differentiable
-    (double backward for forces)."""
+    """``sum_d (k_d * q_d[dst]).sum((-2, -1))``: ``k_d [E, H, D_d, 2d+1]``, ``q_d [N, H, D_d, 2d+1]`` -> ``[E, H]``.
+
+    Keeps for backward the keys as given (views of the conv's output, which the values keep anyway) and the
+    node-level queries, instead of the concatenated copies and the edge-level ``q[dst]`` plain autograd would
+    keep. The backward is differentiable (double backward for forces). Call as ``apply(dst, *ks, *qs)``."""
 
     @staticmethod
-    def forward(ctx, k: Tensor, q: Tensor, dst: Tensor) -> Tensor:
-        ctx.save_for_backward(k, q, dst)
-        return (k * q.index_select(0, dst)).sum(-1)
+    def forward(ctx, dst: Tensor, *kq: Tensor) -> Tensor:
+        ctx.save_for_backward(dst, *kq)
+        n = len(kq) // 2
+        logits = None
+        for k, q in zip(kq[:n], kq[n:]):
+            part = (k * q.index_select(0, dst)).sum((-2, -1))
+            logits = part if logits is None else logits + part
+        return logits
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        k, q, dst = ctx.saved_tensors
-        g = grad.unsqueeze(-1)
-        grad_k = g * q.index_select(0, dst) if ctx.needs_input_grad[0] else None
-        grad_q = scatter_sum(g * k, dst, q.shape[0], check=False) if ctx.needs_input_grad[1] else None
-        return grad_k, grad_q, None
+        dst, *kq = ctx.saved_tensors
+        n = len(kq) // 2
+        g = grad[..., None, None]
+        grad_k = [g * q.index_select(0, dst) if need else None
+                  for q, need in zip(kq[n:], ctx.needs_input_grad[1:1 + n])]
+        grad_q = [scatter_sum(g * k, dst, q.shape[0], check=False) if need else None
+                  for k, q, need in zip(kq[:n], kq[n:], ctx.needs_input_grad[1 + n:])]
+        return (None, *grad_k, *grad_q)
 
 
 class AttentionBlockSE3(nn.Module):
@@ -81,21 +91,24 @@ class AttentionBlockSE3(nn.Module):
         dst = edge_index[1]
         num_nodes = next(iter(node_feats.values())).shape[0]
         kv = self.to_key_value(node_feats, edge_feats, radial_in, edge_index, basis)
-        value = {d: kv[d][:, :c] for d, c in self.value_fiber}
-        key = {d: kv[d][:, self.value_fiber[d]:] for d in self.key_fiber.degrees}
         query = self.to_query(node_feats)
-
-        k = _to_heads(key, self.key_fiber, self.num_heads)                       # [E, H, Dk]
-        q = _to_heads(query, self.key_fiber, self.num_heads)                     # [N, H, Dk]
-        logits = _EdgeDot.apply(k, q, dst) * self.scale                          # [E, H]
+        # Heads as views (no copies): the keys and values stay in the conv's output, kept once for backward.
+        keys = [_heads(kv[d][:, self.value_fiber[d]:], self.num_heads) for d in self.key_fiber.degrees]
+        queries = [_heads(query[d], self.num_heads) for d in self.key_fiber.degrees]
+        logits = _EdgeDot.apply(dst, *keys, *queries) * self.scale              # [E, H]
         alpha = edge_softmax(logits, dst, num_nodes, check=False)[..., None, None]  # [E, H, 1, 1]
 
-        z: Features = {}
+        out: Features = {}
         for d, c in self.value_fiber:
-            v = value[d].reshape(value[d].shape[0], self.num_heads, c // self.num_heads, 2 * d + 1)
-            z[d] = scatter_sum(alpha * v, dst, num_nodes, check=False).view(num_nodes, c, 2 * d + 1)
-        skip = {d: torch.cat([z[d], node_feats[d]], dim=1) if d in self.fiber_in else z[d] for d in z}
-        return self.project(skip)
+            v = _heads(kv[d][:, :c], self.num_heads)                              # [E, H, c/H, 2d+1]
+            z = scatter_sum(alpha * v, dst, num_nodes, check=False).view(num_nodes, c, 2 * d + 1)
+            # project([z | x]) (skip connection by concatenation) as W[:, :c] @ z + W[:, c:] @ x: no concatenated
+            # copy is made or kept for backward.
+            W = self.project.weights[str(d)]
+            out[d] = channel_mix(W[:, :c], z)
+            if d in self.fiber_in:
+                out[d] = out[d] + channel_mix(W[:, c:], node_feats[d])
+        return out
 
     def extra_repr(self) -> str:
         return f"fiber_in={self.fiber_in}, fiber_out={self.fiber_out}, num_heads={self.num_heads}"

@@ -35,6 +35,7 @@ from ..basis import Basis, kernel_projection, num_frequencies
 from ..fiber import Features, Fiber, degree_to_dim
 from ..scatter import scatter_sum
 from .fused import BlockSpec, PartSpec, fused_conv
+from .linear import channel_mix
 from .radial import RadialMLP
 
 __all__ = ["ConvSE3", "FuseLevel", "RADIAL_SHARING"]
@@ -261,11 +262,11 @@ class ConvSE3(nn.Module):
             has_self = self.self_interaction and str(d_out) in self.to_kernel_self
             per_edge_self = has_self and (self.reference_parity or not self.pool)
             if per_edge_self:
-                m = m + torch.matmul(self.to_kernel_self[str(d_out)], node_feats[d_out].index_select(0, dst))
+                m = m + channel_mix(self.to_kernel_self[str(d_out)], node_feats[d_out].index_select(0, dst))
             if self.pool:
                 m = scatter_sum(m, dst, num_nodes, check=False)
                 if has_self and not per_edge_self:
-                    m = m + torch.matmul(self.to_kernel_self[str(d_out)], node_feats[d_out])
+                    m = m + channel_mix(self.to_kernel_self[str(d_out)], node_feats[d_out])
             out[d_out] = m
         return out
 

@@ -4,12 +4,37 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..fiber import Features, Fiber
 from .._validate import check_features
 
-__all__ = ["LinearSE3"]
+__all__ = ["LinearSE3", "channel_mix"]
+
+
+class _ChannelMix(torch.autograd.Function):
+    """``W @ x`` keeping ``x`` itself for backward: ``torch.matmul`` of ``[C_out, C_in]`` and ``[N, C_in, L]`` keeps
+    a transposed copy of ``x`` (for the model's node features: one extra copy per layer). The backward is
+    differentiable (double backward for forces)."""
+
+    @staticmethod
+    def forward(ctx, W: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(W, x)
+        return torch.matmul(W, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        W, x = ctx.saved_tensors
+        dt = grad.dtype  # under autocast the forward ran in the autocast dtype; the backward does not: cast here
+        grad_W = torch.einsum("nol,nil->oi", grad, x.to(dt)) if ctx.needs_input_grad[0] else None
+        grad_x = torch.matmul(W.t().to(dt), grad) if ctx.needs_input_grad[1] else None
+        return grad_W, grad_x
+
+
+def channel_mix(W: Tensor, x: Tensor) -> Tensor:
+    """``out[n] = W @ x[n]``: ``W [C_out, C_in]``, ``x [N, C_in, L]`` -> ``[N, C_out, L]`` (``torch.matmul``'s
+    result; only ``W`` and ``x`` themselves are kept for backward)."""
+    return _ChannelMix.apply(W, x)
 
 
 class LinearSE3(nn.Module):
@@ -33,7 +58,7 @@ class LinearSE3(nn.Module):
 
     def forward(self, features: Features) -> Features:
         check_features(features, self.fiber_in.restrict(self.fiber_out.degrees), None, "features")
-        return {d: torch.matmul(self.weights[str(d)], features[d]) for d in self.fiber_out.degrees}
+        return {d: channel_mix(self.weights[str(d)], features[d]) for d in self.fiber_out.degrees}
 
     def extra_repr(self) -> str:
         return f"fiber_in={self.fiber_in}, fiber_out={self.fiber_out}"

@@ -34,6 +34,7 @@ def test_conv_count_matches_flop_counter(radial, edge_degree1):
     edge_index, pos = _graph()
     N, E = pos.shape[0], edge_index.shape[1]
     basis = se3t.get_basis(pos[edge_index[1]] - pos[edge_index[0]], 2)
+    assert basis.blocks  # made (lazily) outside the count: the bases are an input, not the conv's FLOPs
     feats = {d: torch.randn(N, c, 2 * d + 1) for d, c in fiber_in}
     edge_feats = {d: torch.randn(E, c, 2 * d + 1) for d, c in fiber_edge}
     radial_in = torch.randn(E, fiber_edge[0] + 1)
@@ -50,6 +51,7 @@ def test_model_count_matches_flop_counter():
     N, E = pos.shape[0], edge_index.shape[1]
     graph_index = (torch.arange(N) >= N // 2).long()
     basis = model.transformer.compute_basis(edge_index, pos)
+    assert basis.blocks  # made outside the count, as above
     inputs = dict(node_feats={0: torch.randn(N, 6, 1)}, edge_index=edge_index, pos=pos,
                   edge_feats={0: torch.randn(E, 4, 1)}, basis=basis, graph_index=graph_index, num_graphs=2)
     measured = _brute_force(lambda: model(**inputs))
