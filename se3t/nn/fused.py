@@ -43,8 +43,9 @@ __all__ = ["fused_conv", "BlockSpec", "PartSpec", "DEFAULT_CHUNK", "CHUNK_VALUES
 DEFAULT_CHUNK = 64
 #: CPU budget of kernel-weight values per chunk buffer (256 Ki values = 1 MiB in fp32): keeps R_jc in L2 cache.
 CHUNK_VALUES = 1 << 18
-#: Edges sharing one build of ``tmp`` on CPU (a multiple of the chunk size).
-GROUP_EDGES = 256
+#: Edges sharing one build of ``tmp`` on CPU (a multiple of the chunk size). 128: as fast as 256 (measured on
+#: 2-core EPYC, same process, paper model; 64 was 14 % slower) with half the per-thread group buffers.
+GROUP_EDGES = 128
 #: Budget on accelerators (64 Mi values): a few large launches per block instead of many small ones.
 CHUNK_VALUES_ACCELERATOR = 1 << 26
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
