@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from e3nn import o3
@@ -198,6 +198,11 @@ class Basis(Mapping):
         return basis
 
     @property
+    def input_degrees(self) -> Tuple[int, ...]:
+        """The input degrees this basis serves (its blocks' ``d_in``)."""
+        return self._degrees
+
+    @property
     def harmonics(self) -> Optional[Tensor]:
         """The spherical harmonics ``[E, (2*max_degree+1)**2]`` this basis was made from, or ``None`` when it was
         built from blocks (:meth:`from_pairs`, :meth:`cat` of such bases)."""
@@ -305,10 +310,15 @@ class Basis(Mapping):
             return cls.from_harmonics(torch.cat([b.harmonics for b in bases]), max_degree, bases[0]._degrees)
         return cls({d: torch.cat([b.blocks[d] for b in bases]) for d in bases[0].blocks}, max_degree)
 
-    def to(self, *args, **kwargs) -> "Basis":
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> "Basis":
+        """The same basis with ``fn`` applied to what it holds: its harmonics, or each block (e.g. ``.to``,
+        ``.pin_memory``, a dtype cast)."""
         if self._harmonics is not None:
-            return Basis.from_harmonics(self._harmonics.to(*args, **kwargs), self.max_degree, self._degrees)
-        return Basis({d: b.to(*args, **kwargs) for d, b in self.blocks.items()}, self.max_degree)
+            return Basis.from_harmonics(fn(self._harmonics), self.max_degree, self._degrees)
+        return Basis({d: fn(b) for d, b in self.blocks.items()}, self.max_degree)
+
+    def to(self, *args, **kwargs) -> "Basis":
+        return self.apply(lambda t: t.to(*args, **kwargs))
 
     def nbytes(self) -> int:
         """Bytes this basis holds now: its harmonics, or its blocks (blocks made from harmonics and kept count

@@ -1,10 +1,11 @@
 """Optional precomputed kernel bases per molecule (the reference's ``--precompute_bases``).
 
-Bases depend only on the edge vectors (SPEC §2), so they can be computed once per data set. They are large:
-for ``max_degree`` 3, 1,092 numbers per directed edge (4,368 bytes in float32); QM9 with bonds has ~4.8 M
-directed edges, i.e. ~21 GB in float32 and ~10.5 GB in float16 — more than most hosts want to hold. The practical
-alternatives are computing them per batch in the DataLoader workers (``PaddedCollate(buckets, basis_max_degree=3)``)
-or on the GPU inside the model (the default). Precompute for subsets, smaller ``max_degree``, or float16.
+Bases depend only on the edge vectors (SPEC §2), so they can be computed once per data set. What is stored is
+the edges' spherical harmonics (``se3t.Basis.harmonics``): ``(2 max_degree + 1)**2`` numbers per directed edge,
+49 for ``max_degree`` 3 (196 bytes in float32), from which the fused convolution makes the bases itself; QM9
+with bonds (~4.8 M directed edges) then needs ~0.94 GB in float32. The materialised bases would be 1,092 numbers
+per edge (:func:`basis_numel_per_edge`, ~21 GB). The alternatives are computing them per batch in the
+DataLoader workers (``PaddedCollate(buckets, basis_max_degree=3)``) or inside the model (the default).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def get_basis(rel_pos: torch.Tensor, max_degree: int):
 
 
 def basis_numel_per_edge(max_degree: int) -> int:
-    """Numbers stored per directed edge for all degree pairs up to ``max_degree`` (1,092 for 3)."""
+    """Numbers per directed edge of the materialised bases of all degree pairs up to ``max_degree`` (1,092 for
+    3). What :func:`precompute_bases` stores is ``(2 max_degree + 1)**2`` (the harmonics)."""
     return sum(
         (2 * a + 1) * (2 * min(a, b) + 1) * (2 * b + 1) for a in range(max_degree + 1) for b in range(max_degree + 1)
     )
@@ -51,16 +53,16 @@ class WithBases(torch.utils.data.Dataset):
     :func:`precompute_bases`. Attribute access falls through to the wrapped data set (``num_nodes``,
     ``target_mean``, ...)."""
 
-    def __init__(self, dataset, max_degree: int, blocks: dict, edge_ptr: np.ndarray):
+    def __init__(self, dataset, max_degree: int, harmonics: torch.Tensor, edge_ptr: np.ndarray):
         self.dataset = dataset
         self.max_degree = max_degree
-        self._blocks = blocks  # d_in -> [E_total, 2 d_in + 1, W]
+        self._harmonics = harmonics  # [E_total, (2 max_degree + 1)**2]
         self._edge_ptr = edge_ptr
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the bases."""
-        return sum(b.numel() * b.element_size() for b in self._blocks.values())
+        """Memory held by the bases (their harmonics)."""
+        return self._harmonics.numel() * self._harmonics.element_size()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -71,7 +73,7 @@ class WithBases(torch.utils.data.Dataset):
         e0, e1 = int(self._edge_ptr[i]), int(self._edge_ptr[i + 1])
         if e1 - e0 != record.num_edges:
             raise RuntimeError("the wrapped data set changed since its bases were computed")
-        basis = _se3t().Basis({d: b[e0:e1] for d, b in self._blocks.items()}, self.max_degree)
+        basis = _se3t().Basis.from_harmonics(self._harmonics[e0:e1], self.max_degree)
         return Molecule(**{**record.__dict__, "basis": basis})
 
     def __getattr__(self, name):
@@ -88,8 +90,8 @@ def precompute_bases(
     chunk: int = 2048,
     max_bytes: int | None = None,
 ) -> WithBases:
-    """Compute the bases of every molecule of ``dataset`` once (with ``se3t.get_basis`` in float32, stored as
-    ``dtype``) and return a :class:`WithBases` wrapper.
+    """Compute the bases of every molecule of ``dataset`` once (with ``se3t.get_basis`` in float32; their
+    harmonics stored as ``dtype``) and return a :class:`WithBases` wrapper.
 
     Raises :class:`MemoryError` before computing anything when the bases would exceed ``max_bytes`` (default: half
     of the memory available now), with the estimate in the message.
@@ -98,7 +100,7 @@ def precompute_bases(
         dataset.num_edges if hasattr(dataset, "num_edges") else [dataset[i].num_edges for i in range(len(dataset))],
         dtype=np.int64,
     )
-    per_edge = basis_numel_per_edge(max_degree) * torch.empty((), dtype=dtype).element_size()
+    per_edge = (2 * max_degree + 1) ** 2 * torch.empty((), dtype=dtype).element_size()
     need = int(n_edges.sum()) * per_edge
     limit = _available_bytes() // 2 if max_bytes is None else max_bytes
     if need > limit:
@@ -108,14 +110,11 @@ def precompute_bases(
             "dtype=torch.float16, or compute bases per batch: PaddedCollate(buckets, basis_max_degree=...)"
         )
     edge_ptr = np.concatenate([[0], np.cumsum(n_edges)])
-    blocks: dict[int, torch.Tensor] = {}
+    harmonics = torch.empty((int(edge_ptr[-1]), (2 * max_degree + 1) ** 2), dtype=dtype)
     for start in range(0, len(n_edges), chunk):
         records = [dataset[i] for i in range(start, min(start + chunk, len(n_edges)))]
         rel = torch.cat([r.pos[r.edge_index[1]] - r.pos[r.edge_index[0]] for r in records])
-        basis = get_basis(rel, max_degree)
+        sh = get_basis(rel, max_degree).harmonics
         e0 = int(edge_ptr[start])
-        for d, block in basis.blocks.items():
-            if d not in blocks:
-                blocks[d] = torch.empty((int(edge_ptr[-1]), *block.shape[1:]), dtype=dtype)
-            blocks[d][e0 : e0 + block.shape[0]] = block.to(dtype)
-    return WithBases(dataset, max_degree, blocks, edge_ptr)
+        harmonics[e0 : e0 + sh.shape[0]] = sh.to(dtype)
+    return WithBases(dataset, max_degree, harmonics, edge_ptr)

@@ -95,7 +95,7 @@ class PaddedBatch:
             if isinstance(value, torch.Tensor):
                 changes[f.name] = fn(value)
             elif f.name == "basis" and value is not None:
-                changes[f.name] = type(value)({d: fn(b) for d, b in value.blocks.items()}, value.max_degree)
+                changes[f.name] = value.apply(fn)
         return dataclasses.replace(self, **changes)
 
     def to(self, device, non_blocking: bool = False) -> PaddedBatch:
@@ -320,7 +320,12 @@ def _cat_bases(bases: list, e_pad: int):
 
     Basis = _se3t().Basis
     bases = [Basis.from_pairs(b) for b in bases]
-    pad = Basis({d: b.new_zeros((e_pad, *b.shape[1:])) for d, b in bases[0].blocks.items()}, bases[0].max_degree)
+    first = bases[0]
+    if all(b.harmonics is not None for b in bases):  # padding edges get zero harmonics, hence zero bases
+        pad = Basis.from_harmonics(first.harmonics.new_zeros((e_pad, first.harmonics.shape[1])), first.max_degree,
+                                   first.input_degrees)
+    else:
+        pad = Basis({d: b.new_zeros((e_pad, *b.shape[1:])) for d, b in first.blocks.items()}, first.max_degree)
     return Basis.cat([*bases, pad])
 
 

@@ -190,6 +190,9 @@ def test_attention_weights_are_a_softmax_over_incoming_edges():
         for d in (0, 1):
             skip = torch.cat([z[d], x[d][node]], 0)
             assert torch.allclose(out[d][node], layer.project.weights[str(d)] @ skip, atol=1e-12)
+    with torch.no_grad():  # without autograd the block takes plain ops (no custom functions): same values
+        plain = layer(x, {}, radial_in, ei, basis)
+    assert all(torch.allclose(plain[d], out[d], atol=1e-13, rtol=0) for d in out)
 
 
 def test_conv_gradcheck_positions():

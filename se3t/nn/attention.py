@@ -95,7 +95,11 @@ class AttentionBlockSE3(nn.Module):
         # Heads as views (no copies): the keys and values stay in the conv's output, kept once for backward.
         keys = [_heads(kv[d][:, self.value_fiber[d]:], self.num_heads) for d in self.key_fiber.degrees]
         queries = [_heads(query[d], self.num_heads) for d in self.key_fiber.degrees]
-        logits = _EdgeDot.apply(dst, *keys, *queries) * self.scale              # [E, H]
+        if torch.is_grad_enabled():
+            logits = _EdgeDot.apply(dst, *keys, *queries)                        # [E, H]
+        else:  # nothing kept for backward: the plain sum (no autograd.Function for dynamo to trace)
+            logits = sum((k * q.index_select(0, dst)).sum((-2, -1)) for k, q in zip(keys, queries))
+        logits = logits * self.scale
         alpha = edge_softmax(logits, dst, num_nodes, check=False)[..., None, None]  # [E, H, 1, 1]
 
         out: Features = {}

@@ -71,11 +71,14 @@ def test_batched_equals_one_by_one(model, small_qm9, buckets):
 def test_precomputed_and_per_batch_bases_give_the_same_outputs(model, small_qm9, buckets):
     subset = small_qm9.subset(range(40))
     with_bases = precompute_bases(subset, max_degree=1)
-    assert with_bases.nbytes == int(subset.num_edges.sum()) * basis_numel_per_edge(1) * 4
+    assert with_bases.nbytes == int(subset.num_edges.sum()) * 9 * 4  # the harmonics: 9 per edge for degree 1
     records = [with_bases[i] for i in range(16)]
     assert records[0].basis is not None
     pre = collate(records, buckets)
     assert pre.basis is not None and pre.basis.num_edges == pre.num_edges
+    # batched and moved as harmonics, zero on the padding edges
+    assert pre.basis.harmonics is not None and pre.to("cpu").basis.harmonics is not None
+    assert not pre.basis.harmonics[int(pre.num_real_edges):].any()
     in_worker = PaddedCollate(buckets, basis_max_degree=1)([subset[i] for i in range(16)])
     plain = collate([subset[i] for i in range(16)], buckets)
     reference = model(**plain.model_inputs())[plain.graph_mask]
@@ -92,4 +95,4 @@ def test_basis_memory_per_edge(small_qm9):
     assert basis.nbytes() == m.num_edges * 49 * 4  # held as harmonics until the blocks are asked for
     assert sum(b.numel() for b in basis.blocks.values()) == m.num_edges * 1092
     with pytest.raises(MemoryError, match="GiB"):
-        precompute_bases(small_qm9, max_degree=3, max_bytes=1 << 20)
+        precompute_bases(small_qm9, max_degree=3, max_bytes=int(small_qm9.num_edges.sum()) * 49 * 4 - 1)
