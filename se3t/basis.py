@@ -192,9 +192,11 @@ class Basis(Mapping):
         if harmonics.dim() != 2 or harmonics.shape[1] != num_sh:
             raise ValueError(f"harmonics for max_degree={max_degree} must be [E, {num_sh}], "
                              f"got {list(harmonics.shape)}")
+        degrees = tuple(range(max_degree + 1)) if input_degrees is None else tuple(sorted(set(input_degrees)))
+        if not degrees or degrees[0] < 0 or degrees[-1] > max_degree:
+            raise ValueError(f"input_degrees must be within 0..{max_degree}, got {input_degrees}")
         basis = cls({}, max_degree)
-        basis._blocks, basis._harmonics = None, harmonics
-        basis._degrees = tuple(range(max_degree + 1)) if input_degrees is None else tuple(sorted(set(input_degrees)))
+        basis._blocks, basis._harmonics, basis._degrees = None, harmonics, degrees
         return basis
 
     @property

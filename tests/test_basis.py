@@ -109,6 +109,8 @@ def test_blocks_are_made_from_harmonics_on_first_use_and_kept_only_when_safe():
     assert basis[(1, 2)].grad_fn is not None
     with pytest.raises(ValueError, match=r"\[E, 25\]"):
         Basis.from_harmonics(torch.zeros(4, 16), 2)
+    with pytest.raises(ValueError, match="input_degrees"):
+        Basis.from_harmonics(torch.zeros(4, 25), 2, input_degrees=[3])
 
 
 @pytest.mark.parametrize("d_out, d_ins", [(0, (0,)), (2, (1, 3)), (3, (0, 1, 2, 3))])

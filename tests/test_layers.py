@@ -454,6 +454,19 @@ def test_attention_edge_dot_gradients_and_memory():
                                                                     kv1.untyped_storage().data_ptr()}
 
 
+def test_attention_logits_are_summed_over_degrees_in_float32():
+    """bf16 keys/queries (autocast): the logits are the float32 sum over every degree, rounded to bf16 once."""
+    from se3t.nn.attention import _edge_logits
+    g = torch.Generator().manual_seed(0)
+    dst = torch.randint(0, 6, (40,), generator=g)
+    keys = [torch.randn(40, 4, 8, 2 * d + 1, generator=g).bfloat16() for d in range(4)]
+    queries = [torch.randn(6, 4, 8, 2 * d + 1, generator=g).bfloat16() for d in range(4)]
+    out = _edge_logits(dst, keys, queries)
+    exact = sum((k * q[dst]).float().sum((-2, -1)) for k, q in zip(keys, queries))  # the same bf16 products
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+
+
 def test_channel_mix_gradients_memory_and_autocast():
     """W @ x per node (LinearSE3, the self-interaction, the attention projection): gradcheck and gradgradcheck,
     torch.matmul's values, x itself (not a transposed copy) kept for backward, and a bf16 autocast backward."""

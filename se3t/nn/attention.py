@@ -22,6 +22,17 @@ def _heads(x: Tensor, num_heads: int) -> Tensor:
     return x.unflatten(1, (num_heads, x.shape[1] // num_heads))
 
 
+def _edge_logits(dst: Tensor, keys, queries) -> Tensor:
+    """``sum_d (k_d * q_d[dst]).sum((-2, -1))`` -> ``[E, H]``, summed over all degrees in at least float32 and
+    rounded once (per-degree sums rounded to bf16 and then added would lose bits under autocast)."""
+    acc = torch.promote_types(keys[0].dtype, torch.float32)
+    logits = None
+    for k, q in zip(keys, queries):
+        part = (k * q.index_select(0, dst)).sum((-2, -1), dtype=acc)
+        logits = part if logits is None else logits + part
+    return logits.to(keys[0].dtype)
+
+
 class _EdgeDot(torch.autograd.Function):
     """``sum_d (k_d * q_d[dst]).sum((-2, -1))``: ``k_d [E, H, D_d, 2d+1]``, ``q_d [N, H, D_d, 2d+1]`` -> ``[E, H]``.
 
@@ -33,11 +44,7 @@ class _EdgeDot(torch.autograd.Function):
     def forward(ctx, dst: Tensor, *kq: Tensor) -> Tensor:
         ctx.save_for_backward(dst, *kq)
         n = len(kq) // 2
-        logits = None
-        for k, q in zip(kq[:n], kq[n:]):
-            part = (k * q.index_select(0, dst)).sum((-2, -1))
-            logits = part if logits is None else logits + part
-        return logits
+        return _edge_logits(dst, kq[:n], kq[n:])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -98,7 +105,7 @@ class AttentionBlockSE3(nn.Module):
         if torch.is_grad_enabled():
             logits = _EdgeDot.apply(dst, *keys, *queries)                        # [E, H]
         else:  # nothing kept for backward: the plain sum (no autograd.Function for dynamo to trace)
-            logits = sum((k * q.index_select(0, dst)).sum((-2, -1)) for k, q in zip(keys, queries))
+            logits = _edge_logits(dst, keys, queries)
         logits = logits * self.scale
         alpha = edge_softmax(logits, dst, num_nodes, check=False)[..., None, None]  # [E, H, 1, 1]
 
