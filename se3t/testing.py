@@ -105,6 +105,8 @@ def assert_equivariant(fn: Callable[..., Union[Tensor, Features]], node_feats: F
     tol = FLOAT_TOLERANCE[pos.dtype] if tolerance is None else tolerance
     bad = {d: e for d, e in errors.items() if not e <= tol}
     if bad:
+        hint = ("; a Tensor output is checked as invariant unless output_degree is given (a degree-d output "
+                "[..., 2d+1] needs output_degree=d)" if output_degree is None and list(errors) == [0] else "")
         raise AssertionError(f"not equivariant: relative error per degree {bad} exceeds {tol:g} "
-                             f"(all degrees: {errors})")
+                             f"(all degrees: {errors}){hint}")
     return errors

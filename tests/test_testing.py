@@ -47,3 +47,13 @@ def test_rotate_features_shapes():
     R = random_rotation(torch.Generator().manual_seed(0))
     out = rotate_features({2: torch.randn(4, 3, 5)}, R)
     assert out[2].shape == (4, 3, 5) and out[2].dtype == torch.float32
+
+
+def test_tensor_output_of_a_degree_needs_output_degree():
+    """A Tensor output is checked as invariant by default: a vector output fails with a hint, passes with
+    output_degree=1."""
+    pos = torch.randn(6, 3, dtype=torch.float64)
+    fn = lambda x, p, e: (p - p.mean(0))[:, None, :]  # noqa: E731  (centred positions: degree 1, [N, 1, 3])
+    with pytest.raises(AssertionError, match="output_degree=d"):
+        assert_equivariant(fn, {0: torch.ones(6, 1, 1, dtype=torch.float64)}, pos)
+    assert_equivariant(fn, {0: torch.ones(6, 1, 1, dtype=torch.float64)}, pos, output_degree=1)
