@@ -1,0 +1,62 @@
+#!/bin/sh
+# One run on a lent GPU machine (issue 7), prepared and tried on CPU so that device minutes go to measuring:
+#   1. parity on the device: FULL == NONE in float64 (outputs and gradients, positions included) and the model's
+#      equivariance error in float32;
+#   2. the paper model at batch 240 on molecule-like synthetic batches (real QM9 needs ase + the 63 MB cache, which
+#      the device image lacks): FULL, fp32 / TF32 / fp16 / bf16 autocast, low_memory off/on, training and inference.
+# Uses the image's own python3 (torch, e3nn, numpy, matplotlib are there); nothing is installed.
+# Usage (repository root): OUT=/path sh benchmarks/device_run.sh     Env: DEVICE (cuda), BATCH (240), REPEATS (20),
+# MODEL (paper), NAME (gpu-qm9-synthetic). Results: $OUT/$NAME.{json,md,png} and $OUT/parity.txt.
+set -eu
+OUT=${OUT:-benchmarks/results}
+DEVICE=${DEVICE:-cuda}
+BATCH=${BATCH:-240}
+REPEATS=${REPEATS:-20}
+MODEL=${MODEL:-paper}
+NAME=${NAME:-gpu-qm9-synthetic}
+PY=${PY:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+
+"$PY" - "$DEVICE" > "$OUT/parity.txt" 2>&1 <<'EOF' || { cat "$OUT/parity.txt"; exit 1; }
+import sys
+import torch
+import se3t
+from se3t import ConvSE3, Fiber, FuseLevel
+from se3t.basis import safe_norm
+from se3t.testing import equivariance_error
+
+dev = torch.device(sys.argv[1])
+print("torch", torch.__version__, "device", dev, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "")
+g = torch.Generator().manual_seed(0)
+N, E = 40, 200
+src, dst = torch.randint(0, N, (E,), generator=g), torch.randint(0, N, (E,), generator=g)
+keep = src != dst
+ei = torch.stack([src[keep], dst[keep]]).to(dev)
+pos = (torch.randn(N, 3, generator=g, dtype=torch.float64) * 2).to(dev).requires_grad_(True)
+fin, fout = Fiber({0: 4, 1: 4, 2: 4}), Fiber({0: 4, 1: 4, 2: 4})
+conv = ConvSE3(fin, fout, Fiber({0: 2}), self_interaction=True, use_layer_norm=True).double().to(dev)
+x = {d: torch.randn(N, c, 2 * d + 1, generator=g, dtype=torch.float64).to(dev).requires_grad_(True) for d, c in fin}
+e0 = torch.randn(ei.shape[1], 2, 1, generator=g, dtype=torch.float64).to(dev)
+res = []
+for level in (FuseLevel.NONE, FuseLevel.FULL):
+    conv.fuse_level = level
+    rel = pos[ei[1]] - pos[ei[0]]
+    out = conv(x, {0: e0}, torch.cat([e0.squeeze(-1), safe_norm(rel)[0]], -1), ei, se3t.get_basis(rel, 2))
+    loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
+    res.append([*out.values(), *torch.autograd.grad(loss, [pos, *x.values(), *conv.parameters()])])
+worst = max(float((a - b).detach().abs().max()) for a, b in zip(*res))
+print(f"FULL vs NONE, float64, outputs and gradients: max abs difference {worst:.2e}")
+assert worst < 1e-9, worst
+model = se3t.SE3Transformer(2, Fiber({0: 4}), Fiber.create(3, 8), Fiber({0: 2, 1: 2}), 2, 2).to(dev)
+xf = {0: torch.randn(N, 4, 1, generator=g).to(dev)}
+err = equivariance_error(lambda a, p, e: model(a, ei, p), xf, pos.detach().float())
+print("model equivariance error, float32:", err)
+assert all(v < 1e-4 for v in err.values()), err
+print("parity ok")
+EOF
+cat "$OUT/parity.txt"
+
+"$PY" -m benchmarks qm9 --device "$DEVICE" --data synthetic --model "$MODEL" --batch-sizes "$BATCH" --levels FULL \
+    --precisions fp32,tf32,fp16,bf16 --low-memory off,on --scatter-backends torch --warmup 3 --repeats "$REPEATS" \
+    --num-batches 4 --cell-timeout 240 --out "$OUT" --name "$NAME"
