@@ -322,7 +322,7 @@ class _FusedConv(torch.autograd.Function):
                 gW = torch.zeros(Wj.shape, dtype=acc_dtype, device=W.device) if need_W else None
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
-                    bts = bases.group(j, b, dims, S, m, bbuf, cbuf)
+                    bts = bases.group(j, b, dims, S, m, bbuf, cbuf) if (tmp is not None or parts_in) else None
                     t = _build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf) if tmp is not None else None
                     for s in range(0, m, n_max):
                         n = min(n_max, m - s)
