@@ -27,6 +27,7 @@ import torch
 from e3nn import o3
 from torch import Tensor
 
+from .edge_frame import EdgeFrames, edge_frames, frame_rows
 from .fiber import degree_to_dim
 
 __all__ = [
@@ -177,6 +178,7 @@ class Basis(Mapping):
         self._degrees = tuple(sorted(self._blocks))
         self._offsets, self._widths = _layout(max_degree)
         self._kernel_major: Dict[Pair, Tensor] = {}
+        self._frames: Optional[Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]] = None
         for d_in, block in self._blocks.items():
             expected = (degree_to_dim(d_in), self._widths[d_in])
             if block.dim() != 3 or tuple(block.shape[1:]) != expected:
@@ -271,6 +273,30 @@ class Basis(Mapping):
         if not mat.requires_grad and out.is_inference() == mat.is_inference():
             self._kernel_major[key] = out
         return out
+
+    def edge_frames(self) -> Optional[EdgeFrames]:
+        """The edges' frame rotations (:func:`se3t.edge_frame.edge_frames`), or ``None`` when this basis holds no
+        harmonics or they have no frame (zero-length edges). Constants, made once and kept (same inference-mode
+        rule as :meth:`kernel_major`)."""
+        return self._edge_frame_state()[0]
+
+    def frame_rows(self, d_in: int, m: int) -> Tensor:
+        """The fused kernel's edge-frame basis of ``d_in`` at order ``m`` (:func:`se3t.edge_frame.frame_rows`),
+        kept like the frames; only valid when :meth:`edge_frames` is not ``None``."""
+        frames, rows = self._edge_frame_state()
+        key = (d_in, m)
+        if key not in rows:
+            rows[key] = frame_rows(frames.rot[d_in], d_in, m)
+        return rows[key]
+
+    def _edge_frame_state(self) -> Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]:
+        if self._frames is not None:
+            return self._frames
+        sh = self._harmonics
+        state = (None if sh is None else edge_frames(sh, self.max_degree), {})
+        if sh is None or torch.is_inference_mode_enabled() == sh.is_inference():
+            self._frames = state
+        return state
 
     # Construction -------------------------------------------------------------------------------------------
     @classmethod

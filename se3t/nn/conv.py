@@ -13,8 +13,11 @@ executed as two batched matmuls, ``tmp = x @ B`` then ``out = R @ tmp``. Two ind
   ``NONE`` two matmuls per pair (the reference path); ``PARTIAL`` one ``R @ tmp`` per output degree over all
   input degrees; ``FULL`` ``x @ B``, the radial MLP's last layer and the contraction in one kernel, edge chunk
   by edge chunk, so neither the per-edge kernel weights ``R`` nor ``tmp`` are ever stored
-  (:mod:`se3t.nn.fused`). A level is "the most fusion allowed": parts whose radial weights live in
-  different MLPs are contracted separately.
+  (:mod:`se3t.nn.fused`); ``EDGE_FRAME`` the same kernel in each edge's frame (:mod:`se3t.edge_frame`): the
+  inputs are rotated so the edge points along the polar axis, where the kernel only couples components
+  ``±m``, and the outputs rotated back: no basis at all and about a third of the contraction's FLOPs. Edges
+  without a frame (zero-length) and position gradients (forces) take the ``FULL`` path. A level is "the most
+  fusion allowed": parts whose radial weights live in different MLPs are contracted separately.
 
 Layout of a radial MLP's output, per edge: for each of its output degrees (ascending), a row-major block
 ``[C_out, K_in]`` where ``K_in`` runs over its input degrees (ascending), then input channels, then
@@ -34,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from ..basis import Basis, kernel_projection, num_frequencies
 from ..fiber import Features, Fiber, degree_to_dim
 from ..scatter import scatter_sum
+from .edge_frame_conv import EdgeFramePlan
 from .fused import BlockSpec, PartSpec, fused_conv
 from .linear import channel_mix
 from .radial import RadialMLP
@@ -49,6 +53,7 @@ class FuseLevel(enum.IntEnum):
     NONE = 0
     PARTIAL = 1
     FULL = 2
+    EDGE_FRAME = 3
 
     @classmethod
     def coerce(cls, value: Union["FuseLevel", str, int]) -> "FuseLevel":
@@ -133,6 +138,10 @@ class ConvSE3(nn.Module):
         self._group_blocks = [[b for d in fiber_out.degrees for b in self._blocks[d] if b.group == g]
                               for g in range(len(groups))]
         self._fused_specs = [self._build_fused_specs(g) for g in range(len(groups))]
+        self._frame_plans = [EdgeFramePlan(self._group_blocks[g], fiber_in.degrees, self.in_channels, dict(fiber_out))
+                             for g in range(len(groups))]
+        for g, plan in enumerate(self._frame_plans):
+            self.register_buffer(f"_frame_rows_{g}", plan.rows, persistent=False)
 
         if self_interaction:
             self.to_kernel_self = nn.ParameterDict({
@@ -197,17 +206,18 @@ class ConvSE3(nn.Module):
         """Per-edge outputs ``{d_out: [E, C_out, 2d_out+1]}`` (before self-interaction and pooling)."""
         level = self.fuse_level
         out: Features = {}
+        sh = basis.harmonics
+        if level == FuseLevel.EDGE_FRAME:
+            frames = None if (sh is None or (sh.requires_grad and torch.is_grad_enabled())) else basis.edge_frames()
+            if frames is not None:
+                return self._edge_frame_messages(node_feats, edge_feats, radial_in, src, basis, frames)
+            level = FuseLevel.FULL  # no frame (zero-length edges, block bases) or forces: the basis path
         if level == FuseLevel.FULL:
             # x @ B, the radial last layer and the contraction in one chunked kernel (see se3t.nn.fused): only
             # x, the bases (as harmonics when the basis has them) and the radial hidden features are kept for
             # backward. Without edge features of degree > 0, x is the source nodes' features: the kernel gathers
             # them per chunk (no edge-level copy).
-            if any(d > 0 and self.fiber_edge[d] for d in self.fiber_in.degrees):
-                x, x_index = self._source_features(node_feats, edge_feats, src), None
-            else:
-                x, x_index = node_feats, src
-            xs = [x[d] for d in self.fiber_in.degrees]
-            sh = basis.harmonics
+            xs, x_index = self._kernel_inputs(node_feats, edge_feats, src)
             for g, mlp in enumerate(self.radial):
                 blocks, bts = self._fused_specs[g], []
                 for b in self._group_blocks[g]:
@@ -246,6 +256,28 @@ class ConvSE3(nn.Module):
                     acc = torch.bmm(r, t) if acc is None else torch.baddbmm(acc, r, t)
             out[d_out] = acc
         return out
+
+    def _kernel_inputs(self, node_feats: Features, edge_feats: Optional[Features], src: Tensor
+                       ) -> Tuple[List[Tensor], Optional[Tensor]]:
+        """The fused kernel's inputs per input degree: the node features with ``src`` as ``x_index`` (gathered
+        chunk by chunk, no edge-level copy), or edge-level copies when edge features of degree > 0 join them."""
+        if any(d > 0 and self.fiber_edge[d] for d in self.fiber_in.degrees):
+            x, x_index = self._source_features(node_feats, edge_feats, src), None
+        else:
+            x, x_index = node_feats, src
+        return [x[d] for d in self.fiber_in.degrees], x_index
+
+    def _edge_frame_messages(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
+                             src: Tensor, basis: Basis, frames) -> Features:
+        """:meth:`edge_messages` in the edge frame (``FuseLevel.EDGE_FRAME``, see :mod:`se3t.nn.edge_frame_conv`)."""
+        xs, x_index = self._kernel_inputs(node_feats, edge_feats, src)
+        rotated: Features = {}
+        for g, (mlp, plan) in enumerate(zip(self.radial, self._frame_plans)):
+            outs = plan.messages(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_frame_rows_{g}"),
+                                 xs, x_index, basis, self.chunk_size)
+            for d, o in outs.items():
+                rotated[d] = o if d not in rotated else rotated[d] + o
+        return {d: torch.bmm(o, frames.back[d].to(o.dtype)) for d, o in rotated.items()}
 
     def forward(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
                 edge_index: Tensor, basis: Basis) -> Features:

@@ -1,0 +1,110 @@
+"""The TFN kernel in each edge's own frame (``FuseLevel.EDGE_FRAME``): an exact reparametrisation, no basis.
+
+The kernel of a degree pair is equivariant, ``B(r̂) = D_in(g) B(ŷ) D_out(g)^T`` for any rotation ``g`` with
+``g ŷ = r̂`` (``D``: e3nn's Wigner matrices; rows are ``m_in``, columns ``m_out``). Rotating the input features
+into the edge's frame, ``x' = x @ D_in``, applying the constant kernel ``B(ŷ)`` and rotating back,
+``out = out' @ D_out^T``, gives exactly the TFN message. ``B(ŷ)`` only couples the components ``±m`` of the
+two degrees (e3nn's ``ŷ`` is the polar axis), and over the radial frequencies ``f`` it spans, for each
+``m > 0``, the matrices ``[[a, -c], [c, a]]`` acting on ``(x'_{+m}, x'_{-m})`` (a scalar ``a`` for ``m = 0``).
+So with the radial weights mapped once per forward from frequencies to these slots (:func:`so2_coefficients`,
+``(a_0, a_1, c_1, a_2, c_2, ...)``: as many as frequencies), the messages of one ``m`` over all degree pairs
+are one small matrix product per edge, of width ``2`` instead of ``2*d_out+1``, and no per-edge basis exists:
+the contraction costs about a third of the basis path's and the bases are replaced by the rotations
+(152 numbers per edge at degree 3, against 1,092 basis values).
+
+Frames need the edge directions; they are read from the harmonics a :class:`~se3t.basis.Basis` holds
+(``Y_1 ∝ r̂``), with each edge's harmonics scale (0 on padding edges). Harmonics that are not a scaled
+``Y(r̂)`` (zero-length edges: ``Y_0`` only) have no frame: :func:`edge_frames` returns ``None`` and the
+convolution uses the basis path. Frames are constants: gradients with respect to positions (forces) go
+through the basis path too.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import List, NamedTuple, Optional
+
+import torch
+from e3nn import o3
+from torch import Tensor
+
+__all__ = ["EdgeFrames", "edge_frames", "so2_coefficients", "frame_rows", "num_slots"]
+
+#: Largest deviation (relative to the harmonics' scale) of the given harmonics from ``s * Y(r̂)`` accepted
+#: for frames: float32 rounding is ~1e-7; anything larger is not a set of spherical harmonics.
+HARMONICS_TOLERANCE = 1e-4
+
+
+def num_slots(m: int) -> int:
+    """Weights per channel pair and input degree at order ``m``: ``a_0`` for ``m = 0``, ``(a_m, c_m)`` else."""
+    return 1 if m == 0 else 2
+
+
+@functools.lru_cache(maxsize=None)
+def _so2_coefficients_float64(d_in: int, d_out: int) -> Tensor:
+    from .basis import get_basis  # noqa: PLC0415  (basis imports this module)
+
+    y_axis = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    B = get_basis(y_axis, max(d_in, d_out), input_degrees=[d_in])[(d_in, d_out)][0]  # [2d_in+1, F, 2d_out+1]
+    rows = [B[d_in, :, d_out]]
+    for m in range(1, min(d_in, d_out) + 1):
+        rows += [B[d_in + m, :, d_out + m], B[d_in + m, :, d_out - m]]
+    return torch.stack(rows)  # [F slots, F frequencies]
+
+
+def so2_coefficients(d_in: int, d_out: int) -> Tensor:
+    """``T [F, F]`` (float64): the edge-frame slot weights ``(a_0, a_1, c_1, ...)`` of the pair are ``T @ R_f``
+    for the radial weights ``R_f`` of its frequencies ``f``."""
+    return _so2_coefficients_float64(int(d_in), int(d_out)).clone()
+
+
+class EdgeFrames(NamedTuple):
+    """Per-edge rotations into the edge frame: ``rot[l] [E, 2l+1, 2l+1]`` (``x' = x @ rot[l]``) and the
+    rotations back with the harmonics' scale, ``back[l] = (s * rot[l])^T`` (``out = out' @ back[l]``); zero on
+    padding edges."""
+
+    rot: List[Tensor]
+    back: List[Tensor]
+
+
+def _wigner(l: int, alpha: Tensor, beta: Tensor) -> Tensor:
+    return o3.wigner_D(l, alpha, beta, torch.zeros_like(alpha))
+
+
+@torch.no_grad()
+def edge_frames(harmonics: Tensor, max_degree: int) -> Optional[EdgeFrames]:
+    """The frames of edges whose harmonics ``[E, (2*max_degree+1)**2]`` are ``s * Y(r̂)`` (``s >= 0``; ``s = 0``:
+    padding), or ``None`` when some edge's are not (zero-length edges). Computed in float64, returned in the
+    harmonics' dtype (at least float32)."""
+    sh = harmonics.detach().to(torch.float64)
+    dtype = torch.promote_types(harmonics.dtype, torch.float32)
+    scale = sh[:, 0] * math.sqrt(4 * math.pi)  # Y_0 = 1/sqrt(4 pi)
+    if max_degree == 0:  # scalars only: no rotation, the scale is all there is
+        return EdgeFrames([torch.ones_like(sh).view(-1, 1, 1).to(dtype)], [scale.view(-1, 1, 1).to(dtype)])
+    direction = sh[:, 1:4]  # Y_1 = sqrt(3 / (4 pi)) * (x, y, z)
+    norm = direction.norm(dim=1, keepdim=True)
+    # A zero direction (padding, or a zero-length edge's Y_0-only harmonics) gets the polar axis: padding still
+    # matches (scale 0), a zero-length edge does not (it has no frame).
+    unit = torch.where(norm > 0, direction / norm.clamp_min(1e-300), direction.new_tensor([0.0, 1.0, 0.0]))
+    x, y, z = unit.unbind(1)
+    alpha, beta = torch.atan2(x, z), torch.atan2(torch.hypot(x, z), y)
+    rebuilt = scale[:, None] * o3.spherical_harmonics(list(range(2 * max_degree + 1)), unit, normalize=False,
+                                                      normalization="integral")
+    if (rebuilt - sh).abs().max() > HARMONICS_TOLERANCE * max(1.0, scale.abs().max().item()):
+        return None
+    live = (scale > 0).to(torch.float64).view(-1, 1, 1)
+    rot = [_wigner(l, alpha, beta) * live for l in range(max_degree + 1)]
+    back = [(r * scale.view(-1, 1, 1)).transpose(1, 2).contiguous() for r in rot]
+    return EdgeFrames([r.to(dtype) for r in rot], [b.to(dtype) for b in back])
+
+
+def frame_rows(rot: Tensor, l: int, m: int) -> Tensor:
+    """The fused kernel's basis of input degree ``l`` at order ``m``: ``[E, K*S, 2l+1]`` with rows ``(k, slot)``
+    (``k``: output components ``+m, -m``; ``K = S = 1`` for ``m = 0``), so that ``rows @ x^T`` holds, per
+    output component, the rotated inputs each slot multiplies: ``+m: (x'_{+m}, -x'_{-m})``,
+    ``-m: (x'_{-m}, x'_{+m})``. ``rot``: the frame rotation of degree ``l`` ``[E, 2l+1, 2l+1]``."""
+    if m == 0:
+        return rot[:, :, l:l + 1].transpose(1, 2).contiguous()
+    plus, minus = rot[:, :, l + m], rot[:, :, l - m]
+    return torch.stack([plus, -minus, minus, plus], dim=1)
+

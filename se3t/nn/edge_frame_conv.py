@@ -1,0 +1,134 @@
+"""A radial MLP's part of a :class:`~se3t.nn.conv.ConvSE3` executed in the edge frame (``FuseLevel.EDGE_FRAME``).
+
+See :mod:`se3t.edge_frame` for the math. Per order ``m`` the plan makes one block of the fused kernel
+(:mod:`se3t.nn.fused`): output rows ``k`` = the components ``+m, -m`` (one row for ``m = 0``), output
+channels ``(d_out, c_out)`` over the MLP's output degrees ``>= m``, input columns ``(d_in, slot, c)`` over its
+input degrees ``>= m``; the kernel's per-edge "basis" of an input degree is :func:`se3t.edge_frame.frame_rows`
+(the frame rotation's rows, ``[E, 4, 2d_in+1]``) and its weights are the radial MLP's last layer mapped
+from frequencies to slots (:meth:`EdgeFramePlan.weights`, once per forward). The plan returns each output
+degree in the frame, ``out' [E, C_out, 2d_out+1]``; the conv rotates back.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..basis import Basis, num_frequencies
+from ..edge_frame import num_slots, so2_coefficients
+from ..fiber import degree_to_dim
+from .fused import BlockSpec, PartSpec, fused_conv
+
+__all__ = ["EdgeFramePlan"]
+
+
+def _slot_index(m: int, slot: int) -> int:
+    """Position of ``(m, slot)`` among a pair's slots ``(a_0, a_1, c_1, a_2, c_2, ...)``."""
+    return 0 if m == 0 else 2 * m - 1 + slot
+
+
+class EdgeFramePlan:
+    """The edge-frame execution of one radial MLP's blocks.
+
+    Args:
+        blocks: the MLP's blocks in parameter layout, one per output degree: ``(offset, d_out, d_ins, k_in,
+            in_offsets)`` (:class:`se3t.nn.conv._Block`); every block must cover the same input degrees.
+        in_degrees: the conv's input degrees (``xs`` order).
+        in_channels, out_channels: channels per degree.
+    """
+
+    def __init__(self, blocks: Sequence, in_degrees: Sequence[int], in_channels: Dict[int, int],
+                 out_channels: Dict[int, int]):
+        d_ins = blocks[0].d_ins
+        if any(b.d_ins != d_ins for b in blocks):
+            raise ValueError("edge-frame execution needs every output degree of a radial MLP to read the same "
+                             f"input degrees, got {[b.d_ins for b in blocks]}")
+        self.blocks = tuple(blocks)
+        self.out_channels = dict(out_channels)
+        max_order = max(min(b.d_out, max(d_ins)) for b in blocks)
+        specs: List[BlockSpec] = []
+        rows: List[Tensor] = []
+        #: per kernel part, the (d_in, m) of its frame rows
+        self.part_orders: List[Tuple[int, int]] = []
+        #: per order m: the output degrees of its block, ascending
+        self.block_outputs: List[Tuple[int, ...]] = []
+        row = 0
+        for m in range(max_order + 1):
+            outs = [b for b in blocks if b.d_out >= m]
+            ins = [d for d in d_ins if d >= m]
+            S = num_slots(m)
+            parts, col = [], 0
+            for d in ins:
+                parts.append(PartSpec(in_degrees.index(d), len(self.part_orders), col, S, in_channels[d]))
+                self.part_orders.append((d, m))
+                col += S * in_channels[d]
+            c_out = sum(out_channels[b.d_out] for b in outs)
+            specs.append(BlockSpec(row, c_out, 1 if m == 0 else 2, col, tuple(parts)))
+            self.block_outputs.append(tuple(b.d_out for b in outs))
+            row += c_out * col
+            # kernel row ((d_out, o), (d_in, slot, c)) <- row (o, d_in, c, slot) of the slot weights, which keep
+            # the parameter layout with frequencies replaced by slots
+            for b in outs:
+                cols = []
+                for d in ins:
+                    F, C = num_frequencies(d, b.d_out), in_channels[d]
+                    start = b.in_offsets[b.d_ins.index(d)]
+                    slots = torch.tensor([_slot_index(m, s) for s in range(S)])
+                    cols.append((start + torch.arange(C)[None, :] * F + slots[:, None]).reshape(-1))
+                cols = torch.cat(cols)
+                rows.append((b.offset + torch.arange(out_channels[b.d_out])[:, None] * b.k_in + cols).reshape(-1))
+        self.specs = tuple(specs)
+        self.rows = torch.cat(rows)
+        self._coefficients: Dict[Tuple[torch.dtype, torch.device], List[List[Tensor]]] = {}
+
+    def _coefficients_for(self, dtype: torch.dtype, device: torch.device) -> List[List[Tensor]]:
+        key = (dtype, device)
+        if key not in self._coefficients:
+            with torch.inference_mode(False):  # constants usable with autograd later
+                self._coefficients[key] = [[so2_coefficients(d, b.d_out).to(device=device, dtype=dtype)
+                                            for d in b.d_ins] for b in self.blocks]
+        return self._coefficients[key]
+
+    def weights(self, W: Tensor) -> Tensor:
+        """The last layer ``W [P, H]`` (parameter layout) with each pair's frequencies mapped to its edge-frame
+        slots: same shape and layout, frequency ``f`` replaced by slot ``s`` (``T @ R``, differentiable)."""
+        coefficients = self._coefficients_for(W.dtype, W.device)
+        with torch.autocast(W.device.type, enabled=False):
+            out = []
+            for b, Ts in zip(self.blocks, coefficients):
+                C_out = self.out_channels[b.d_out]
+                Wb = W[b.offset:b.offset + C_out * b.k_in].view(C_out, b.k_in, W.shape[1])
+                parts = []
+                ends = b.in_offsets[1:] + (b.k_in,)
+                for start, end, T in zip(b.in_offsets, ends, Ts):
+                    width = end - start
+                    part = Wb[:, start:end].reshape(C_out, width // T.shape[0], T.shape[0], W.shape[1])
+                    parts.append(torch.einsum("sf,ocfh->ocsh", T, part).reshape(C_out, width, W.shape[1]))
+                out.append(torch.cat(parts, dim=1).reshape(-1, W.shape[1]) if len(parts) > 1
+                           else parts[0].reshape(-1, W.shape[1]))
+            return torch.cat(out) if len(out) > 1 else out[0]
+
+    def messages(self, h: Tensor, W: Tensor, rows: Tensor, xs: Sequence[Tensor], x_index: Optional[Tensor],
+                 basis: Basis, chunk: Optional[int]) -> Dict[int, Tensor]:
+        """``{d_out: out' [E, C_out, 2d_out+1]}``: this MLP's messages in the edge frame (rotate back with
+        ``basis.edge_frames().back``). ``h [E, H]``: the MLP's hidden features; ``W``: its last layer;
+        ``rows``: :attr:`rows` on the device; ``xs``/``x_index``: as for :func:`se3t.nn.fused.fused_conv`."""
+        bts = [basis.frame_rows(d, m) for d, m in self.part_orders]
+        outs = fused_conv(h, self.weights(W), rows, self.specs, xs, bts, chunk, x_index=x_index)
+        result = {}
+        for b in self.blocks:
+            d_out, C = b.d_out, self.out_channels[b.d_out]
+            comps: List[Optional[Tensor]] = [None] * degree_to_dim(d_out)
+            for m in range(min(d_out, len(outs) - 1) + 1):
+                outputs = self.block_outputs[m]
+                start = sum(self.out_channels[d] for d in outputs[:outputs.index(d_out)])
+                piece = outs[m][:, :, start:start + C]  # [E, K, C]
+                comps[d_out + m] = piece[:, 0]
+                if m > 0:
+                    comps[d_out - m] = piece[:, 1]
+            if any(c is None for c in comps):  # orders above every input degree: no pair reaches them
+                zero = torch.zeros_like(outs[0][:, 0, :C])
+                comps = [zero if c is None else c for c in comps]
+            result[d_out] = torch.stack(comps, dim=-1)
+        return result
