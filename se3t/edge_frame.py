@@ -67,8 +67,35 @@ class EdgeFrames(NamedTuple):
     back: List[Tensor]
 
 
+def _trig(theta: Tensor, l: int) -> Tensor:
+    """``[..., 2l+1]``: ``1, cos(m θ), sin(m θ)`` for ``m = 1..l``."""
+    m = torch.arange(1, l + 1, dtype=theta.dtype, device=theta.device)
+    mt = theta[..., None] * m
+    return torch.cat([torch.ones_like(theta)[..., None], mt.cos(), mt.sin()], dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _rotation_terms(l: int, axis: int) -> Tensor:
+    """``[2l+1, (2l+1)**2]``: a rotation by ``θ`` about e3nn's y (``axis=0``) or x (``axis=1``) axis in degree
+    ``l`` is ``_trig(θ, l) @ terms`` (its entries are trigonometric polynomials of order ``l``): fitted exactly
+    from e3nn's Wigner matrices at ``2l+1`` angles, where these functions are independent."""
+    theta = torch.arange(2 * l + 1, dtype=torch.float64) * (2 * math.pi / (2 * l + 1))
+    zero = torch.zeros_like(theta)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # e3nn builds its generators in the default dtype
+    try:
+        D = o3.wigner_D(l, theta, zero, zero) if axis == 0 else o3.wigner_D(l, zero, theta, zero)
+    finally:
+        torch.set_default_dtype(previous)
+    return torch.linalg.solve(_trig(theta, l), D.reshape(2 * l + 1, -1))
+
+
 def _wigner(l: int, alpha: Tensor, beta: Tensor) -> Tensor:
-    return o3.wigner_D(l, alpha, beta, torch.zeros_like(alpha))
+    """e3nn's ``wigner_D(l, alpha, beta, 0)`` (``[E, 2l+1, 2l+1]``, float64) without its matrix exponentials."""
+    L = 2 * l + 1
+    about_y = (_trig(alpha, l) @ _rotation_terms(l, 0).to(alpha.device)).view(-1, L, L)
+    about_x = (_trig(beta, l) @ _rotation_terms(l, 1).to(alpha.device)).view(-1, L, L)
+    return torch.bmm(about_y, about_x)
 
 
 @torch.no_grad()
