@@ -1,0 +1,194 @@
+"""FuseLevel.EDGE_FRAME: the kernel in each edge's frame is the TFN kernel, exactly, with every fallback."""
+
+import pytest
+import torch
+from e3nn import o3
+
+from se3t import Basis, ConvSE3, Fiber, FuseLevel, SE3Transformer, get_basis
+from se3t.basis import safe_norm
+from se3t.edge_frame import _wigner, edge_frames, frame_rows, so2_coefficients
+from se3t.testing import assert_equivariant
+
+from core_helpers import random_features, random_graph
+
+PAIRS = [(d_in, d_out) for d_in in range(5) for d_out in range(5)]
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_kernel_on_the_polar_axis_is_the_so2_form(pair):
+    """B(ŷ)_f = sum_s T[s, f] E_s with E_0 = e(0,0), E_a(m) = e(+m,+m) + e(-m,-m), E_c(m) = e(+m,-m) - e(-m,+m):
+    the structure the edge-frame kernel relies on (rows m_in, columns m_out)."""
+    d_in, d_out = pair
+    B = get_basis(torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64), max(pair), [d_in])[pair][0]
+    T = so2_coefficients(d_in, d_out)
+    rebuilt = torch.zeros_like(B)
+    for f in range(B.shape[1]):
+        rebuilt[d_in, f, d_out] = T[0, f]
+        for m in range(1, min(pair) + 1):
+            a, c = T[2 * m - 1, f], T[2 * m, f]
+            rebuilt[d_in + m, f, d_out + m] = rebuilt[d_in - m, f, d_out - m] = a
+            rebuilt[d_in + m, f, d_out - m], rebuilt[d_in - m, f, d_out + m] = c, -c
+    assert torch.allclose(rebuilt, B, atol=1e-14, rtol=0)
+    assert torch.linalg.matrix_rank(T) == T.shape[0]  # an invertible reparametrisation: same function class
+
+
+def test_wigner_matrices_match_e3nn_in_float64():
+    alpha = torch.rand(50, dtype=torch.float64) * 6.2 - 3.1
+    beta = torch.rand(50, dtype=torch.float64) * 3.1
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # e3nn's own generators are made in the default dtype
+    try:
+        expected = [o3.wigner_D(l, alpha, beta, torch.zeros_like(alpha)) for l in range(5)]
+    finally:
+        torch.set_default_dtype(previous)
+    for l in range(5):
+        assert torch.allclose(_wigner(l, alpha, beta), expected[l], atol=1e-13, rtol=0)
+
+
+def test_frames_rotate_the_polar_kernel_into_every_edge():
+    """B(r̂) = rot_in B(ŷ) rot_out^T for every pair, including edges along the poles."""
+    rel = torch.randn(30, 3, dtype=torch.float64)
+    rel[:4] = torch.tensor([[0, 1.0, 0], [0, -2.0, 0], [0, 0, 3.0], [1e-9, 1.0, 0]], dtype=torch.float64)
+    basis = get_basis(rel, 3)
+    polar = get_basis(torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64), 3)
+    frames = basis.edge_frames()
+    for (d_in, d_out) in basis:
+        rebuilt = torch.einsum("eba,afc,edc->ebfd", frames.rot[d_in], polar[(d_in, d_out)][0], frames.rot[d_out])
+        assert torch.allclose(rebuilt, basis[(d_in, d_out)], atol=1e-12, rtol=0), (d_in, d_out)
+
+
+def test_frame_rows_select_the_rotated_components():
+    rot = get_basis(torch.randn(5, 3, dtype=torch.float64), 2).edge_frames().rot[2]
+    x = torch.randn(5, 3, 5, dtype=torch.float64)  # [E, C, 2l+1]
+    xr = x @ rot                                     # features in the edge frame
+    rows = frame_rows(rot, 2, 1)                     # [E, 4, 5]
+    t = rows @ x.transpose(1, 2)                     # [E, (k, slot), C]
+    plus, minus = xr[:, :, 3], xr[:, :, 1]
+    for got, want in zip(t.unbind(1), (plus, -minus, minus, plus)):
+        assert torch.allclose(got, want, atol=1e-14)
+    assert torch.allclose((frame_rows(rot, 2, 0) @ x.transpose(1, 2))[:, 0], xr[:, :, 2], atol=1e-14)
+
+
+def test_frames_padding_scale_and_zero_length_edges():
+    rel = torch.randn(6, 3, dtype=torch.float64)
+    sh = get_basis(rel, 2).harmonics
+    scaled = sh * torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0, 1.0], dtype=torch.float64)[:, None]
+    frames = edge_frames(scaled, 2)
+    assert frames is not None
+    assert frames.rot[1][3].abs().max() == 0 and frames.back[2][3].abs().max() == 0  # padding: no message
+    assert torch.allclose(frames.back[1][1], 0.5 * frames.rot[1][1].T)
+    rel[2] = 0.0  # a zero-length edge has only Y_0: no frame, the conv takes the basis path
+    assert get_basis(rel, 2).edge_frames() is None
+    noisy = sh.clone()
+    noisy[0, 5] += 1e-2  # not the harmonics of any direction
+    assert edge_frames(noisy, 2) is None
+    blocks = Basis.from_pairs({k: v for k, v in get_basis(torch.randn(4, 3, dtype=torch.float64), 1).items()})
+    assert blocks.harmonics is None and blocks.edge_frames() is None
+
+
+FIBER_IN = Fiber({0: 3, 1: 2, 2: 2, 3: 1})
+
+
+def _conv_inputs(edge_fiber, num_nodes=9, dtype=torch.float64):
+    pos, ei, _ = random_graph(num_nodes, dtype=dtype)
+    return pos, ei, random_features(FIBER_IN, num_nodes, dtype), random_features(edge_fiber, ei.shape[1], dtype)
+
+
+def _run(layer, ei, x, pos, e, max_degree):
+    rel = pos[ei[1]] - pos[ei[0]]
+    radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1)
+    return layer(x, e, radial_in, ei, get_basis(rel, max_degree))
+
+
+@pytest.mark.parametrize("radial", ["conv", "output_degree", "input_degree", "pair"])
+@pytest.mark.parametrize("edge_fiber", [Fiber({0: 2}), Fiber({0: 2, 2: 1})], ids=["scalar-edges", "degree2-edges"])
+@pytest.mark.parametrize("pool", [True, False])
+def test_edge_frame_equals_full_and_none_forward_and_backward(radial, edge_fiber, pool):
+    fiber_out = Fiber({0: 2, 1: 3, 2: 1, 3: 2, 4: 1})  # degree 4 out of degree <= 3 inputs: orders no input reaches
+    layer = ConvSE3(FIBER_IN, fiber_out, edge_fiber, pool=pool, self_interaction=True, radial=radial).double()
+    pos, ei, x, e = _conv_inputs(edge_fiber)
+    x = {d: v.requires_grad_() for d, v in x.items()}
+    e = {d: v.requires_grad_() for d, v in e.items()}
+    results = {}
+    for level in (FuseLevel.NONE, FuseLevel.FULL, FuseLevel.EDGE_FRAME):
+        layer.fuse_level = level
+        out = _run(layer, ei, x, pos, e, 4)
+        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(d), dtype=o.dtype)).sum()
+                   for d, o in out.items())
+        inputs = list(x.values()) + list(e.values()) + list(layer.parameters())
+        results[level] = (out, torch.autograd.grad(loss, inputs))
+    ref_out, ref_grads = results[FuseLevel.NONE]
+    for level in (FuseLevel.FULL, FuseLevel.EDGE_FRAME):
+        out, grads = results[level]
+        for d in ref_out:
+            assert torch.allclose(out[d], ref_out[d], atol=1e-11, rtol=0), (level, d)
+        for g, rg in zip(grads, ref_grads):
+            assert torch.allclose(g, rg, atol=1e-10, rtol=0), level
+
+
+def test_edge_frame_gradcheck():
+    """Numerical gradients of the edge-frame conv: node features, radial inputs and the radial last layer."""
+    fiber_in = Fiber({0: 2, 1: 1, 2: 1})
+    layer = ConvSE3(fiber_in, Fiber({0: 1, 1: 2, 2: 1}), Fiber({0: 1}), fuse_level="EDGE_FRAME").double()
+    pos, ei, _ = random_graph(6, dtype=torch.float64)
+    x = random_features(fiber_in, 6)
+    e = random_features(Fiber({0: 1}), ei.shape[1])
+    rel = pos[ei[1]] - pos[ei[0]]
+    basis = get_basis(rel, 2)
+    radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1)
+    name = "radial.0.net.%d.weight" % (len(layer.radial[0].net) - 1)
+    assert dict(layer.named_parameters())[name] is layer.radial[0].last.weight
+
+    def fn(x0, x1, x2, r, weight):
+        out = torch.func.functional_call(layer, {name: weight}, ({0: x0, 1: x1, 2: x2}, e, r, ei, basis))
+        return tuple(out[d] for d in sorted(out))
+
+    args = [t.clone().requires_grad_() for t in (x[0], x[1], x[2], radial_in, layer.radial[0].last.weight.detach())]
+    assert torch.autograd.gradcheck(fn, args, atol=1e-7)
+
+
+def test_forces_and_zero_length_edges_take_the_basis_path():
+    """Position gradients go through the harmonics (frames are constants): EDGE_FRAME gives FULL's forces; a
+    zero-length edge (no frame) gives FULL's outputs."""
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1}), Fiber({0: 2})).double()
+    pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
+    forces = {}
+    for level in (FuseLevel.FULL, FuseLevel.EDGE_FRAME):
+        layer.fuse_level = level
+        p = pos.clone().requires_grad_()
+        out = _run(layer, ei, x, p, e, 3)
+        forces[level] = torch.autograd.grad(sum(o.pow(2).sum() for o in out.values()), p)[0]
+    assert forces[FuseLevel.FULL].abs().max() > 0
+    assert torch.allclose(forces[FuseLevel.FULL], forces[FuseLevel.EDGE_FRAME], atol=1e-12, rtol=0)
+    pos[ei[0, 0]] = pos[ei[1, 0]]  # edge 0 now has zero length
+    outs = {}
+    for level in (FuseLevel.FULL, FuseLevel.EDGE_FRAME):
+        layer.fuse_level = level
+        outs[level] = _run(layer, ei, x, pos, e, 3)
+    for d in outs[FuseLevel.FULL]:
+        assert torch.allclose(outs[FuseLevel.FULL][d], outs[FuseLevel.EDGE_FRAME][d], atol=1e-12, rtol=0)
+
+
+def test_edge_frame_padding_edges_send_nothing():
+    """Zero harmonics (se3t_data's padding edges) give zero messages and zero gradients, as the basis path does."""
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1, 2: 2}), Fiber({0: 2}), pool=False,
+                    fuse_level=FuseLevel.EDGE_FRAME).double()
+    pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
+    rel = pos[ei[1]] - pos[ei[0]]
+    sh = get_basis(rel, 3).harmonics.clone()
+    sh[:3] = 0.0
+    radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1)
+    out = layer(x, e, radial_in, ei, Basis.from_harmonics(sh, 3))
+    for o in out.values():
+        assert o[:3].abs().max() == 0 and o[3:].abs().max() > 0
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_edge_frame_model_equivariant(dtype, tol, low_memory):
+    model = SE3Transformer(num_layers=2, fiber_in=Fiber({0: 3, 1: 1}), fiber_hidden=Fiber.create(4, 4),
+                           fiber_out=Fiber({0: 2, 1: 1, 2: 1}), num_heads=2, channels_div=2,
+                           fiber_edge=Fiber({0: 2}), fuse_level="EDGE_FRAME", low_memory=low_memory).to(dtype)
+    pos, ei, _ = random_graph(11, dtype=dtype)
+    x = random_features(Fiber({0: 3, 1: 1}), 11, dtype)
+    e = random_features(Fiber({0: 2}), ei.shape[1], dtype)
+    assert_equivariant(lambda a, p, b: model(a, ei, p, b), x, pos, e, tolerance=tol, num_rotations=3)
