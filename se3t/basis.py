@@ -289,6 +289,7 @@ class Basis(Mapping):
             rows[key] = frame_rows(frames.rot[d_in], d_in, m)
         return rows[key]
 
+    @torch.compiler.disable  # constants of the edge set (one host sync): a graph break, not a traced recompute
     def _edge_frame_state(self) -> Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]:
         if self._frames is not None:
             return self._frames

@@ -46,7 +46,7 @@ class SE3Transformer(nn.Module):
                  num_heads: int, channels_div: int, fiber_edge: FiberLike = Fiber({}),
                  return_type: Optional[int] = None, pooling: Optional[str] = None, norm: bool = True,
                  use_layer_norm: bool = True, low_memory: bool = False,
-                 fuse_level: Union[FuseLevel, str, int] = FuseLevel.FULL,
+                 fuse_level: Union[FuseLevel, str, int] = FuseLevel.EDGE_FRAME,
                  radial: Union[str, Sequence[str]] = "conv", reference_parity: bool = False):
         super().__init__()
         fiber_in, fiber_hidden, fiber_out, fiber_edge = map(_fiber, (fiber_in, fiber_hidden, fiber_out, fiber_edge))
@@ -159,7 +159,7 @@ class SE3TransformerPooled(nn.Module):
     def __init__(self, fiber_in: FiberLike, fiber_out: FiberLike, fiber_edge: FiberLike, num_degrees: int,
                  num_channels: int, output_dim: int = 1, num_layers: int = 7, num_heads: int = 8,
                  channels_div: int = 2, pooling: str = "max", norm: bool = True, use_layer_norm: bool = True,
-                 low_memory: bool = False, fuse_level: Union[FuseLevel, str, int] = FuseLevel.FULL,
+                 low_memory: bool = False, fuse_level: Union[FuseLevel, str, int] = FuseLevel.EDGE_FRAME,
                  radial: Union[str, Sequence[str]] = "conv", reference_parity: bool = False):
         super().__init__()
         fiber_out = _fiber(fiber_out)

@@ -1,5 +1,7 @@
 """FuseLevel.EDGE_FRAME: the kernel in each edge's frame is the TFN kernel, exactly, with every fallback."""
 
+import inspect
+
 import pytest
 import torch
 from e3nn import o3
@@ -192,3 +194,15 @@ def test_edge_frame_model_equivariant(dtype, tol, low_memory):
     x = random_features(Fiber({0: 3, 1: 1}), 11, dtype)
     e = random_features(Fiber({0: 2}), ei.shape[1], dtype)
     assert_equivariant(lambda a, p, b: model(a, ei, p, b), x, pos, e, tolerance=tol, num_rotations=3)
+
+
+def test_command_line_offers_every_level_and_defaults_to_edge_frame():
+    from se3t.runtime.args import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    train = sub.choices["train"]
+    action = next(a for a in train._actions if a.dest == "fuse_level")
+    assert {c.upper() for c in action.choices} == {m.name for m in FuseLevel}
+    assert action.default == "EDGE_FRAME"
+    assert inspect.signature(SE3Transformer.__init__).parameters["fuse_level"].default == FuseLevel.EDGE_FRAME

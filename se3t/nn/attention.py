@@ -71,7 +71,7 @@ class AttentionBlockSE3(nn.Module):
 
     def __init__(self, fiber_in: Fiber, fiber_out: Fiber, fiber_edge: Optional[Fiber] = None, num_heads: int = 4,
                  channels_div: int = 2, use_layer_norm: bool = False,
-                 fuse_level: Union[FuseLevel, str, int] = FuseLevel.FULL, low_memory: bool = False,
+                 fuse_level: Union[FuseLevel, str, int] = FuseLevel.EDGE_FRAME, low_memory: bool = False,
                  radial: str = "conv", radial_hidden: int = 32):
         super().__init__()
         fiber_edge = fiber_edge if fiber_edge is not None else Fiber({})

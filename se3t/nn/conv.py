@@ -103,7 +103,7 @@ class ConvSE3(nn.Module):
 
     def __init__(self, fiber_in: Fiber, fiber_out: Fiber, fiber_edge: Fiber = Fiber({}), pool: bool = True,
                  use_layer_norm: bool = False, self_interaction: bool = False,
-                 fuse_level: Union[FuseLevel, str, int] = FuseLevel.FULL, low_memory: bool = False,
+                 fuse_level: Union[FuseLevel, str, int] = FuseLevel.EDGE_FRAME, low_memory: bool = False,
                  radial: str = "conv", reference_parity: bool = False, radial_hidden: int = 32):
         super().__init__()
         if radial not in RADIAL_SHARING:

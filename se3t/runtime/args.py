@@ -58,7 +58,8 @@ def _add_runtime_options(p: argparse.ArgumentParser, batch_size: int) -> None:
                    help="automatic mixed precision: fp16 (+ gradient scaling) on CUDA, bf16 on CPU")
     g.add_argument("--batch_size", type=_positive_int, default=batch_size, help="molecules per batch (per process)")
     g.add_argument("--num_workers", type=_nonneg_int, default=8, help="data-loading worker processes")
-    g.add_argument("--fuse_level", choices=["NONE", "PARTIAL", "FULL", "none", "partial", "full"], default="FULL",
+    levels = ["NONE", "PARTIAL", "FULL", "EDGE_FRAME"]  # se3t.FuseLevel's names (this module imports no torch)
+    g.add_argument("--fuse_level", choices=levels + [name.lower() for name in levels], default="EDGE_FRAME",
                    help="how the convolutions group their contractions (never changes the outputs)")
     g.add_argument("--compile", action=BOOL, default=False, help="torch.compile the model")
     g.add_argument("--benchmark", action=BOOL, default=False,

@@ -55,7 +55,7 @@ class ModelConfig:
                 for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
-def build_model(config: ModelConfig, fuse_level: str = "FULL") -> torch.nn.Module:
+def build_model(config: ModelConfig, fuse_level: str = "EDGE_FRAME") -> torch.nn.Module:
     """The QM9 model of the paper/reference at the given size: ``SE3TransformerPooled``."""
     import se3t
 
