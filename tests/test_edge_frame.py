@@ -206,3 +206,23 @@ def test_command_line_offers_every_level_and_defaults_to_edge_frame():
     assert {c.upper() for c in action.choices} == {m.name for m in FuseLevel}
     assert action.default == "EDGE_FRAME"
     assert inspect.signature(SE3Transformer.__init__).parameters["fuse_level"].default == FuseLevel.EDGE_FRAME
+
+
+def test_slot_weights_map_is_linear_with_its_adjoint_and_never_stored():
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 3, 2: 1}), Fiber({0: 2}), fuse_level="EDGE_FRAME").double()
+    plan, W = layer._frame_plans[0], layer.radial[0].last.weight.detach()
+    G = torch.randn_like(W)
+    assert torch.allclose((plan.apply(W) * G).sum(), (W * plan.adjoint(G)).sum(), atol=1e-10, rtol=0)
+    assert torch.allclose(plan.apply(2 * W + G), 2 * plan.apply(W) + plan.apply(G), atol=1e-12)
+    pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run(layer, ei, x, pos, e, 3)
+    weight = layer.radial[0].last.weight
+    same_shape = [t for t in saved if t.shape == weight.shape]
+    assert same_shape and all(t.data_ptr() == weight.data_ptr() for t in same_shape)

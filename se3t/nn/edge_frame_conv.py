@@ -5,7 +5,8 @@ See :mod:`se3t.edge_frame` for the math. Per order ``m`` the plan makes one bloc
 channels ``(d_out, c_out)`` over the MLP's output degrees ``>= m``, input columns ``(d_in, slot, c)`` over its
 input degrees ``>= m``; the kernel's per-edge "basis" of an input degree is :func:`se3t.edge_frame.frame_rows`
 (the frame rotation's rows, ``[E, 4, 2d_in+1]``) and its weights are the radial MLP's last layer mapped
-from frequencies to slots (:meth:`EdgeFramePlan.weights`, once per forward). The plan returns each output
+from frequencies to slots (:meth:`EdgeFramePlan.apply`, inside the kernel in forward and again in backward:
+never stored). The plan returns each output
 degree in the frame, ``out' [E, C_out, 2d_out+1]``; the conv rotates back.
 """
 from __future__ import annotations
@@ -90,24 +91,34 @@ class EdgeFramePlan:
                                             for d in b.d_ins] for b in self.blocks]
         return self._coefficients[key]
 
-    def weights(self, W: Tensor) -> Tensor:
-        """The last layer ``W [P, H]`` (parameter layout) with each pair's frequencies mapped to its edge-frame
-        slots: same shape and layout, frequency ``f`` replaced by slot ``s`` (``T @ R``, differentiable)."""
+    def _map(self, W: Tensor, equation: str) -> Tensor:
+        """Each pair's rows of ``W [P, H]`` (parameter layout) mapped by its coefficients along the frequency /
+        slot axis (``equation``: the einsum of ``T`` with a ``[C_out, C_in, F, H]`` part)."""
         coefficients = self._coefficients_for(W.dtype, W.device)
-        with torch.autocast(W.device.type, enabled=False):
-            out = []
-            for b, Ts in zip(self.blocks, coefficients):
-                C_out = self.out_channels[b.d_out]
-                Wb = W[b.offset:b.offset + C_out * b.k_in].view(C_out, b.k_in, W.shape[1])
-                parts = []
-                ends = b.in_offsets[1:] + (b.k_in,)
-                for start, end, T in zip(b.in_offsets, ends, Ts):
-                    width = end - start
-                    part = Wb[:, start:end].reshape(C_out, width // T.shape[0], T.shape[0], W.shape[1])
-                    parts.append(torch.einsum("sf,ocfh->ocsh", T, part).reshape(C_out, width, W.shape[1]))
-                out.append(torch.cat(parts, dim=1).reshape(-1, W.shape[1]) if len(parts) > 1
-                           else parts[0].reshape(-1, W.shape[1]))
-            return torch.cat(out) if len(out) > 1 else out[0]
+        H, out = W.shape[1], []
+        for b, Ts in zip(self.blocks, coefficients):
+            C_out = self.out_channels[b.d_out]
+            Wb = W[b.offset:b.offset + C_out * b.k_in].view(C_out, b.k_in, H)
+            ends = b.in_offsets[1:] + (b.k_in,)
+            for start, end, T in zip(b.in_offsets, ends, Ts):
+                part = Wb[:, start:end].reshape(C_out, (end - start) // T.shape[0], T.shape[0], H)
+                out.append(torch.einsum(equation, T, part).reshape(C_out, end - start, H))
+        rows = []  # back to the parameter layout: per block, its parts side by side
+        i = 0
+        for b in self.blocks:
+            n = len(b.d_ins)
+            rows.append(torch.cat(out[i:i + n], dim=1).reshape(-1, H) if n > 1 else out[i].reshape(-1, H))
+            i += n
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    def apply(self, W: Tensor) -> Tensor:
+        """The slot weights (:class:`se3t.nn.fused.WeightMap`): ``W [P, H]`` with each pair's frequencies ``f``
+        replaced by its edge-frame slots ``s``, ``T @ R`` (same shape and layout)."""
+        return self._map(W, "sf,ocfh->ocsh")
+
+    def adjoint(self, grad: Tensor) -> Tensor:
+        """The parameter's gradient from the slot weights' (``T^T @ G``)."""
+        return self._map(grad, "sf,ocsh->ocfh")
 
     def messages(self, h: Tensor, W: Tensor, rows: Tensor, xs: Sequence[Tensor], x_index: Optional[Tensor],
                  basis: Basis, chunk: Optional[int]) -> Dict[int, Tensor]:
@@ -115,7 +126,7 @@ class EdgeFramePlan:
         ``basis.edge_frames().back``). ``h [E, H]``: the MLP's hidden features; ``W``: its last layer;
         ``rows``: :attr:`rows` on the device; ``xs``/``x_index``: as for :func:`se3t.nn.fused.fused_conv`."""
         bts = [basis.frame_rows(d, m) for d, m in self.part_orders]
-        outs = fused_conv(h, self.weights(W), rows, self.specs, xs, bts, chunk, x_index=x_index)
+        outs = fused_conv(h, W, rows, self.specs, xs, bts, chunk, x_index=x_index, weight_map=self)
         result = {}
         for b in self.blocks:
             d_out, C = b.d_out, self.out_channels[b.d_out]

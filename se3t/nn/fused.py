@@ -31,12 +31,12 @@ import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["fused_conv", "BlockSpec", "PartSpec", "DEFAULT_CHUNK", "CHUNK_VALUES", "CHUNK_VALUES_ACCELERATOR",
+__all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "DEFAULT_CHUNK", "CHUNK_VALUES", "CHUNK_VALUES_ACCELERATOR",
            "GROUP_EDGES", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD"]
 
 #: Most edges per chunk on CPU.
@@ -52,6 +52,16 @@ CHUNK_VALUES_ACCELERATOR = 1 << 26
 PARALLEL_RANGES = True
 #: ... when a block has at least this many kernel weights over all its edges (below, the hand-off costs more).
 PARALLEL_MIN_VALUES = 1 << 21
+
+
+class WeightMap(Protocol):
+    """A linear map of the kernel's weight parameter (:func:`fused_conv`'s ``weight_map``)."""
+
+    def apply(self, W: Tensor) -> Tensor:
+        """The kernel's weights, ``[P, H]`` from ``W [P, H]``."""
+
+    def adjoint(self, grad: Tensor) -> Tensor:
+        """The adjoint map: ``W``'s gradient from the kernel weights' gradient (same shapes)."""
 
 
 class PartSpec(NamedTuple):
@@ -233,7 +243,11 @@ class _FusedConv(torch.autograd.Function):
     # 27-30 with 8 MiB).
     @staticmethod
     def forward(ctx, chunk: Optional[int], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor,
-                x_index: Optional[Tensor], with_sh: bool, h: Tensor, W: Tensor, *xs_bts: Tensor):
+                x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"], h: Tensor, W: Tensor,
+                *xs_bts: Tensor):
+        W_param = W
+        if weight_map is not None:  # the kernel's weights are a linear map of the parameter: made here, not saved
+            W = weight_map.apply(W).to(h.dtype)
         xs = xs_bts[:num_x]
         bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
@@ -265,22 +279,24 @@ class _FusedConv(torch.autograd.Function):
 
             _run_ranges(forward_range, forward_buffers, lambda _: None, E, n_max, h.device, E * b.c_out * b.k_in)
             outs.append(out)
-        ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh = chunk, blocks, num_x, with_sh
-        ctx.save_for_backward(rows, x_index, h, W, *xs_bts)
+        ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh, ctx.weight_map = chunk, blocks, num_x, with_sh, weight_map
+        ctx.save_for_backward(rows, x_index, h, W_param, *xs_bts)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):
-        rows, x_index, h, W, *xs_bts = ctx.saved_tensors
+        rows, x_index, h, W_param, *xs_bts = ctx.saved_tensors
         chunk, blocks, num_x, with_sh = ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh
+        weight_map = ctx.weight_map
+        W = W_param if weight_map is None else weight_map.apply(W_param).to(h.dtype)
         xs = xs_bts[:num_x]
         bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
         E = h.shape[0]
-        need_h, need_W = ctx.needs_input_grad[6], ctx.needs_input_grad[7]
-        need_x = ctx.needs_input_grad[8:8 + num_x]
+        need_h, need_W = ctx.needs_input_grad[7], ctx.needs_input_grad[8]
+        need_x = ctx.needs_input_grad[9:9 + num_x]
         # with harmonics the "bts" are constant projections (one per block, no gradient; parts index nothing)
-        need_bt = ctx.needs_input_grad[8 + num_x:] if not with_sh else ()
+        need_bt = ctx.needs_input_grad[9 + num_x:] if not with_sh else ()
         # Accumulate in at least float32 (many chunks; bf16 partial sums would lose bits).
         acc_dtype = torch.promote_types(W.dtype, torch.float32)
         grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
@@ -292,7 +308,7 @@ class _FusedConv(torch.autograd.Function):
         grad_bt = [torch.zeros_like(bt) if need else None for bt, need in zip(bases.bts, need_bt)]
         bt_grad = (lambda p: None) if with_sh else (lambda p: grad_bt[p.bt])
         grad_sh = None
-        if with_sh and ctx.needs_input_grad[8 + num_x]:  # each edge range adds into its own rows
+        if with_sh and ctx.needs_input_grad[9 + num_x]:  # each edge range adds into its own rows
             grad_sh = torch.zeros(bases.sh.shape, dtype=torch.promote_types(bases.sh.dtype, acc_dtype),
                                   device=h.device)
         for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
@@ -368,21 +384,22 @@ class _FusedConv(torch.autograd.Function):
             fold = (lambda partial, r=block_rows: grad_W.index_add_(0, r, partial)) if need_W else (lambda _: None)
             _run_ranges(backward_range, backward_buffers, fold, E, n_max, h.device, E * b.c_out * b.k_in)
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
-        grad_W = grad_W.to(W.dtype) if grad_W is not None else None
+        if grad_W is not None:
+            grad_W = (grad_W if weight_map is None else weight_map.adjoint(grad_W)).to(W_param.dtype)
         if x_index is not None:
             grad_x = [gx.new_zeros(x.shape[0], *gx.shape[1:]).index_add_(0, x_index, gx) if gx is not None else None
                       for x, gx in zip(xs, grad_x)]
         grad_x = [gx.transpose(1, 2) if gx is not None else None for gx in grad_x]
         if with_sh:
             grad_sh = grad_sh.to(bases.sh.dtype) if grad_sh is not None else None
-            return (None,) * 6 + (grad_h, grad_W, *grad_x, grad_sh) + (None,) * len(bases.bts)
-        return (None,) * 6 + (grad_h, grad_W, *grad_x, *grad_bt)
+            return (None,) * 7 + (grad_h, grad_W, *grad_x, grad_sh) + (None,) * len(bases.bts)
+        return (None,) * 7 + (grad_h, grad_W, *grad_x, *grad_bt)
 
 
 @torch.compiler.disable  # a hand-scheduled kernel: compiling would unroll its chunk loops (one graph break instead)
 def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], xs: Sequence[Tensor],
                bts: Sequence[Tensor], chunk: Optional[int] = None, x_index: Optional[Tensor] = None,
-               sh: Optional[Tensor] = None) -> List[Tensor]:
+               sh: Optional[Tensor] = None, weight_map: Optional["WeightMap"] = None) -> List[Tensor]:
     """``out_j[e] = tmp_j[e] @ (W'_j @ h[e]).view(C_out, K_in)^T`` with ``tmp_j[e]`` the parts ``Bt[e] @ x[e]^T``.
 
     Shapes: ``h [E, H]``, ``W [P, H]``, ``rows [P]`` (int64: ``W' = W[rows]`` has the rows of each block ordered
@@ -394,6 +411,8 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     ``[S_j, W_j]`` (:func:`se3t.basis.kernel_projection`, ``S_j <= S``), and each group of edges makes its bases
     as ``sh @ M_j`` (in ``sh``'s dtype, at least the compute dtype): no per-edge basis is stored; gradients go to
     ``sh``, none to the projections.
+    ``weight_map`` (optional): the kernel's weights are ``weight_map.apply(W)``, a linear map of ``W`` made in
+    forward and again in backward (never stored); ``W``'s gradient is ``weight_map.adjoint`` of theirs.
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
     preallocated buffers, which autocast does not handle).
     """
@@ -406,7 +425,8 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
     with torch.autocast(device_type, enabled=False):
-        args = [h.to(dtype).contiguous(), W.to(dtype).contiguous()]
+        # a mapped W is kept as given (the map runs in its precision; its output is cast)
+        args = [h.to(dtype).contiguous(), (W if weight_map is not None else W.to(dtype)).contiguous()]
         args += [t.to(dtype).contiguous() for t in xs]
         if sh is not None:
             basis_dtype = torch.promote_types(sh.dtype, dtype)
@@ -417,4 +437,5 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
         else:
             args += [t.to(dtype).contiguous() for t in bts]
         chunk = None if chunk is None else max(1, int(chunk))
-        return list(_FusedConv.apply(chunk, tuple(blocks), len(xs), rows, x_index, sh is not None, *args))
+        return list(_FusedConv.apply(chunk, tuple(blocks), len(xs), rows, x_index, sh is not None, weight_map,
+                                     *args))
