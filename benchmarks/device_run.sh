@@ -1,9 +1,10 @@
 #!/bin/sh
 # One run on a lent GPU machine (issue 7), prepared and tried on CPU so that device minutes go to measuring:
-#   1. parity on the device: FULL == NONE in float64 (outputs and gradients, positions included) and the model's
-#      equivariance error in float32;
+#   1. parity on the device in float64, outputs and gradients: FULL == NONE (positions included) and
+#      EDGE_FRAME == NONE (features and parameters), and the model's equivariance error in float32;
 #   2. the paper model at batch 240 on molecule-like synthetic batches (real QM9 needs ase + the 63 MB cache, which
-#      the device image lacks): FULL, fp32 / TF32 / fp16 / bf16 autocast, low_memory off/on, training and inference.
+#      the device image lacks): EDGE_FRAME (the default) and FULL, fp32 / TF32 / fp16 / bf16 autocast, low_memory
+#      off/on for EDGE_FRAME, training and inference.
 # Uses the image's own python3 (torch, e3nn, numpy, matplotlib are there); nothing is installed.
 # Usage (repository root): OUT=/path sh benchmarks/device_run.sh     Env: DEVICE (cuda), BATCH (240), REPEATS (20),
 # MODEL (paper), NAME (gpu-qm9-synthetic). Results: $OUT/$NAME.{json,md,png} and $OUT/parity.txt.
@@ -38,16 +39,21 @@ fin, fout = Fiber({0: 4, 1: 4, 2: 4}), Fiber({0: 4, 1: 4, 2: 4})
 conv = ConvSE3(fin, fout, Fiber({0: 2}), self_interaction=True, use_layer_norm=True).double().to(dev)
 x = {d: torch.randn(N, c, 2 * d + 1, generator=g, dtype=torch.float64).to(dev).requires_grad_(True) for d, c in fin}
 e0 = torch.randn(ei.shape[1], 2, 1, generator=g, dtype=torch.float64).to(dev)
-res = []
-for level in (FuseLevel.NONE, FuseLevel.FULL):
+
+
+def run(level, p):
     conv.fuse_level = level
-    rel = pos[ei[1]] - pos[ei[0]]
+    rel = p[ei[1]] - p[ei[0]]
     out = conv(x, {0: e0}, torch.cat([e0.squeeze(-1), safe_norm(rel)[0]], -1), ei, se3t.get_basis(rel, 2))
     loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
-    res.append([*out.values(), *torch.autograd.grad(loss, [pos, *x.values(), *conv.parameters()])])
-worst = max(float((a - b).detach().abs().max()) for a, b in zip(*res))
-print(f"FULL vs NONE, float64, outputs and gradients: max abs difference {worst:.2e}")
-assert worst < 1e-9, worst
+    wrt = ([p] if p.requires_grad else []) + [*x.values(), *conv.parameters()]
+    return [*out.values(), *torch.autograd.grad(loss, wrt)]
+
+
+for level, p in ((FuseLevel.FULL, pos), (FuseLevel.EDGE_FRAME, pos.detach())):  # frames carry no position gradient
+    worst = max(float((a - b).detach().abs().max()) for a, b in zip(run(FuseLevel.NONE, p), run(level, p)))
+    print(f"{level.name} vs NONE, float64, outputs and gradients: max abs difference {worst:.2e}")
+    assert worst < 1e-9, worst
 model = se3t.SE3Transformer(2, Fiber({0: 4}), Fiber.create(3, 8), Fiber({0: 2, 1: 2}), 2, 2).to(dev)
 xf = {0: torch.randn(N, 4, 1, generator=g).to(dev)}
 err = equivariance_error(lambda a, p, e: model(a, ei, p), xf, pos.detach().float())
@@ -57,6 +63,6 @@ print("parity ok")
 EOF
 cat "$OUT/parity.txt"
 
-"$PY" -m benchmarks qm9 --device "$DEVICE" --data synthetic --model "$MODEL" --batch-sizes "$BATCH" --levels FULL \
-    --precisions fp32,tf32,fp16,bf16 --low-memory off,on --scatter-backends torch --warmup 3 --repeats "$REPEATS" \
+"$PY" -m benchmarks qm9 --device "$DEVICE" --data synthetic --model "$MODEL" --batch-sizes "$BATCH" --levels EDGE_FRAME,FULL \
+    --low-memory-levels EDGE_FRAME --precisions fp32,tf32,fp16,bf16 --low-memory off,on --scatter-backends torch --warmup 3 --repeats "$REPEATS" \
     --num-batches 4 --cell-timeout 240 --out "$OUT" --name "$NAME"
