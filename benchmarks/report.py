@@ -283,12 +283,12 @@ def plot(result: dict, out_dir: Path, stem: str) -> Dict[str, Path]:
         fig.savefig(paths["memory"], dpi=110)
         plt.close(fig)
     if result["suite"] == "scaling":
+        from .scaling import degree_fit_name, degree_levels  # noqa: PLC0415
+
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
         for mode in sorted({c["mode"] for c in ok}):
             size = sorted((c for c in ok if c["mode"] == mode and c.get("sweep") == "size"),
                           key=lambda c: c["num_points"])
-            deg = sorted((c for c in ok if c["mode"] == mode and c.get("sweep") == "degree"),
-                         key=lambda c: c["max_degree"])
             fit = (result.get("fits") or {}).get(f"{mode}: time vs nodes")
             label = f"{mode}" + (f" (b = {fit['exponent']:.2f})" if fit else "")
             axes[0].loglog([c["num_points"] for c in size], [c["latency_s"]["median"] for c in size], "o-",
@@ -297,9 +297,13 @@ def plot(result: dict, out_dir: Path, stem: str) -> Dict[str, Path]:
             axes[1].loglog([c["num_points"] for c in size], [max(c["memory"]["growth_bytes"], 1) / 2 ** 20
                                                              for c in size], "o-",
                            label=f"{mode}" + (f" (b = {mfit['exponent']:.2f})" if mfit else ""))
-            dfit = (result.get("fits") or {}).get(f"{mode}: time vs (max_degree + 1)")
-            axes[2].loglog([c["max_degree"] + 1 for c in deg], [c["latency_s"]["median"] for c in deg], "o-",
-                           label=f"{mode}" + (f" (b = {dfit['exponent']:.2f})" if dfit else ""))
+            levels = degree_levels(result)
+            for level in levels:
+                deg = sorted((c for c in ok if c["mode"] == mode and c.get("sweep") == "degree"
+                              and c["fuse_level"] == level), key=lambda c: c["max_degree"])
+                dfit = (result.get("fits") or {}).get(degree_fit_name(mode, level, levels))
+                axes[2].loglog([c["max_degree"] + 1 for c in deg], [c["latency_s"]["median"] for c in deg], "o-",
+                               label=f"{mode} {level}" + (f" (b = {dfit['exponent']:.2f})" if dfit else ""))
         axes[0].set(xlabel="points", ylabel="step time (s)", title="time vs points (radius graph, uniform density)")
         axes[1].set(xlabel="points", ylabel="peak memory growth (MiB)", title="memory vs points")
         axes[2].set(xlabel="max degree + 1", ylabel="step time (s)", title="time vs maximum degree")

@@ -127,16 +127,19 @@ def test_compare_renders_ratios(qm9_run, tmp_path):
 
 def test_scaling_quick_fits_exponents(tmp_path):
     argv = ["scaling", *FAST, "--sizes", "60,120,240", "--degree-points", "60", "--max-degree", "1",
-            "--modes", "infer", "--out", str(tmp_path), "--name", "scal"]
+            "--modes", "infer", "--out", str(tmp_path), "--name", "scal", "--levels", "EDGE_FRAME,FULL"]
     assert main(argv) == 0
     result = _load(tmp_path / "scal.json")
     _check_document(result, "scaling")
     cells = result["cells"]
     assert [c["num_points"] for c in cells if c["sweep"] == "size"] == [60, 120, 240]
-    assert [c["max_degree"] for c in cells if c["sweep"] == "degree"] == [0, 1]
+    assert [(c["fuse_level"], c["max_degree"]) for c in cells if c["sweep"] == "degree"] == [
+        ("EDGE_FRAME", 0), ("EDGE_FRAME", 1), ("FULL", 0), ("FULL", 1)]
+    assert {c["fuse_level"] for c in cells if c["sweep"] == "size"} == {"EDGE_FRAME"}
     assert all(c["throughput"]["unit"] == "points/s" for c in cells if c["status"] == "ok")
     assert all(c["num_edges"] > 0 for c in cells)
-    for name in ("infer: time vs nodes", "infer: time vs edges", "infer: time vs (max_degree + 1)"):
+    for name in ("infer: time vs nodes", "infer: time vs edges", "infer: time vs (max_degree + 1)",
+                 "infer FULL: time vs (max_degree + 1)"):
         assert name in result["fits"] and result["fits"][name]["points"] >= 2
     _check_png(tmp_path / "scal-scaling.png")
     assert "| fit (y = a x^b)" in (tmp_path / "scal.md").read_text()
