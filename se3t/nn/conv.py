@@ -142,6 +142,7 @@ class ConvSE3(nn.Module):
                              for g in range(len(groups))]
         for g, plan in enumerate(self._frame_plans):
             self.register_buffer(f"_frame_rows_{g}", plan.rows, persistent=False)
+            self.register_buffer(f"_frame_gather_{g}", plan.gather_index, persistent=False)
 
         if self_interaction:
             self.to_kernel_self = nn.ParameterDict({
@@ -274,7 +275,7 @@ class ConvSE3(nn.Module):
         rotated: Features = {}
         for g, (mlp, plan) in enumerate(zip(self.radial, self._frame_plans)):
             outs = plan.messages(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_frame_rows_{g}"),
-                                 xs, x_index, basis, self.chunk_size)
+                                 getattr(self, f"_frame_gather_{g}"), xs, x_index, basis, self.chunk_size)
             for d, o in outs.items():
                 rotated[d] = o if d not in rotated else rotated[d] + o
         return {d: torch.bmm(o, frames.back[d].to(o.dtype)) for d, o in rotated.items()}

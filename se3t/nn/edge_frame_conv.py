@@ -81,7 +81,30 @@ class EdgeFramePlan:
                 rows.append((b.offset + torch.arange(out_channels[b.d_out])[:, None] * b.k_in + cols).reshape(-1))
         self.specs = tuple(specs)
         self.rows = torch.cat(rows)
+        self._build_gather_index()
         self._coefficients: Dict[Tuple[torch.dtype, torch.device], List[List[Tensor]]] = {}
+
+    def _build_gather_index(self) -> None:
+        """Where each output value ``(d_out, c, component)`` (blocks' degrees in order) sits among the blocks'
+        outputs flattened side by side (``[K, c_out]`` per block); components of orders above every input degree
+        read an appended zero column."""
+        starts, col = [], 0
+        for spec in self.specs:
+            starts.append(col)
+            col += spec.K * spec.c_out
+        zero_column, index = col, []
+        for b in self.blocks:
+            C, L = self.out_channels[b.d_out], degree_to_dim(b.d_out)
+            where = torch.full((C, L), zero_column, dtype=torch.long)
+            for m in range(min(b.d_out, len(self.specs) - 1) + 1):
+                outputs, spec = self.block_outputs[m], self.specs[m]
+                channels = sum(self.out_channels[d] for d in outputs[:outputs.index(b.d_out)]) + torch.arange(C)
+                where[:, b.d_out + m] = starts[m] + channels  # row k = 0: component +m
+                if m > 0:
+                    where[:, b.d_out - m] = starts[m] + spec.c_out + channels  # row k = 1: component -m
+            index.append(where.reshape(-1))
+        self.gather_index = torch.cat(index)
+        self.needs_zero_column = bool((self.gather_index == zero_column).any())
 
     def _coefficients_for(self, dtype: torch.dtype, device: torch.device) -> List[List[Tensor]]:
         key = (dtype, device)
@@ -120,26 +143,22 @@ class EdgeFramePlan:
         """The parameter's gradient from the slot weights' (``T^T @ G``)."""
         return self._map(grad, "sf,ocsh->ocfh")
 
-    def messages(self, h: Tensor, W: Tensor, rows: Tensor, xs: Sequence[Tensor], x_index: Optional[Tensor],
-                 basis: Basis, chunk: Optional[int]) -> Dict[int, Tensor]:
+    def messages(self, h: Tensor, W: Tensor, rows: Tensor, gather_index: Tensor, xs: Sequence[Tensor],
+                 x_index: Optional[Tensor], basis: Basis, chunk: Optional[int]) -> Dict[int, Tensor]:
         """``{d_out: out' [E, C_out, 2d_out+1]}``: this MLP's messages in the edge frame (rotate back with
         ``basis.edge_frames().back``). ``h [E, H]``: the MLP's hidden features; ``W``: its last layer;
-        ``rows``: :attr:`rows` on the device; ``xs``/``x_index``: as for :func:`se3t.nn.fused.fused_conv`."""
+        ``rows``, ``gather_index``: :attr:`rows` and :attr:`gather_index` on the device; ``xs``/``x_index``: as for
+        :func:`se3t.nn.fused.fused_conv`."""
         bts = [basis.frame_rows(d, m) for d, m in self.part_orders]
         outs = fused_conv(h, W, rows, self.specs, xs, bts, chunk, x_index=x_index, weight_map=self)
-        result = {}
+        # every block's [E, K, c_out] side by side, then one gather into (d_out, c, component) order: its backward
+        # is one scatter, not one zero-filled block-sized buffer per slice
+        flat = torch.cat([o.reshape(o.shape[0], -1) for o in outs] + ([outs[0].new_zeros(outs[0].shape[0], 1)]
+                                                                       if self.needs_zero_column else []), dim=1)
+        gathered = flat.index_select(1, gather_index)
+        result, col = {}, 0
         for b in self.blocks:
-            d_out, C = b.d_out, self.out_channels[b.d_out]
-            comps: List[Optional[Tensor]] = [None] * degree_to_dim(d_out)
-            for m in range(min(d_out, len(outs) - 1) + 1):
-                outputs = self.block_outputs[m]
-                start = sum(self.out_channels[d] for d in outputs[:outputs.index(d_out)])
-                piece = outs[m][:, :, start:start + C]  # [E, K, C]
-                comps[d_out + m] = piece[:, 0]
-                if m > 0:
-                    comps[d_out - m] = piece[:, 1]
-            if any(c is None for c in comps):  # orders above every input degree: no pair reaches them
-                zero = torch.zeros_like(outs[0][:, 0, :C])
-                comps = [zero if c is None else c for c in comps]
-            result[d_out] = torch.stack(comps, dim=-1)
+            C, L = self.out_channels[b.d_out], degree_to_dim(b.d_out)
+            result[b.d_out] = gathered[:, col:col + C * L].view(-1, C, L)
+            col += C * L
         return result
