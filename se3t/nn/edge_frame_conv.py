@@ -54,6 +54,21 @@ class EdgeFramePlan:
         self.part_orders: List[Tuple[int, int]] = []
         #: per order m: the output degrees of its block, ascending
         self.block_outputs: List[Tuple[int, ...]] = []
+        # The slot weights are kept pair-major: pair by pair (parameter order), rows (slot, o, c), so that mapping
+        # frequencies to slots is one GEMM per pair (``perm``: the parameter rows in that order, with (f, o, c)).
+        self._pairs: List[Tuple[int, int, int, int]] = []  # (first row, rows, d_in, d_out)
+        pair_start: Dict[Tuple[int, int], int] = {}
+        perm, start = [], 0
+        for b in blocks:
+            C_o = out_channels[b.d_out]
+            for d, col in zip(b.d_ins, b.in_offsets):
+                F, C = num_frequencies(d, b.d_out), in_channels[d]
+                f, o, c = torch.meshgrid(torch.arange(F), torch.arange(C_o), torch.arange(C), indexing="ij")
+                perm.append((b.offset + o * b.k_in + col + c * F + f).reshape(-1))
+                self._pairs.append((start, F * C_o * C, d, b.d_out))
+                pair_start[(d, b.d_out)] = start
+                start += F * C_o * C
+        self.perm = torch.cat(perm)
         row = 0
         for m in range(max_order + 1):
             outs = [b for b in blocks if b.d_out >= m]
@@ -68,21 +83,19 @@ class EdgeFramePlan:
             specs.append(BlockSpec(row, c_out, 1 if m == 0 else 2, col, tuple(parts)))
             self.block_outputs.append(tuple(b.d_out for b in outs))
             row += c_out * col
-            # kernel row ((d_out, o), (d_in, slot, c)) <- row (o, d_in, c, slot) of the slot weights, which keep
-            # the parameter layout with frequencies replaced by slots
+            # kernel row ((d_out, o), (d_in, slot, c)) <- pair-major slot row (slot, o, c) of pair (d_in, d_out)
             for b in outs:
-                cols = []
+                C_o, cols = out_channels[b.d_out], []
                 for d in ins:
-                    F, C = num_frequencies(d, b.d_out), in_channels[d]
-                    start = b.in_offsets[b.d_ins.index(d)]
+                    C = in_channels[d]
                     slots = torch.tensor([_slot_index(m, s) for s in range(S)])
-                    cols.append((start + torch.arange(C)[None, :] * F + slots[:, None]).reshape(-1))
-                cols = torch.cat(cols)
-                rows.append((b.offset + torch.arange(out_channels[b.d_out])[:, None] * b.k_in + cols).reshape(-1))
+                    o, s_, c = torch.meshgrid(torch.arange(C_o), slots, torch.arange(C), indexing="ij")
+                    cols.append((pair_start[(d, b.d_out)] + s_ * (C_o * C) + o * C + c).reshape(C_o, -1))
+                rows.append(torch.cat(cols, dim=1).reshape(-1))
         self.specs = tuple(specs)
         self.rows = torch.cat(rows)
         self._build_gather_index()
-        self._coefficients: Dict[Tuple[torch.dtype, torch.device], List[List[Tensor]]] = {}
+        self._coefficients: Dict[Tuple[torch.dtype, torch.device], Tuple[List[Tensor], Tensor]] = {}
 
     def _build_gather_index(self) -> None:
         """Where each output value ``(d_out, c, component)`` (blocks' degrees in order) sits among the blocks'
@@ -106,42 +119,33 @@ class EdgeFramePlan:
         self.gather_index = torch.cat(index)
         self.needs_zero_column = bool((self.gather_index == zero_column).any())
 
-    def _coefficients_for(self, dtype: torch.dtype, device: torch.device) -> List[List[Tensor]]:
+    def _constants(self, dtype: torch.dtype, device: torch.device) -> Tuple[List[Tensor], Tensor]:
+        """Each pair's coefficients ``T`` and :attr:`perm`, on ``device`` (made once per dtype and device)."""
         key = (dtype, device)
         if key not in self._coefficients:
             with torch.inference_mode(False):  # constants usable with autograd later
-                self._coefficients[key] = [[so2_coefficients(d, b.d_out).to(device=device, dtype=dtype)
-                                            for d in b.d_ins] for b in self.blocks]
+                self._coefficients[key] = ([so2_coefficients(d_in, d_out).to(device=device, dtype=dtype)
+                                            for _, _, d_in, d_out in self._pairs], self.perm.to(device))
         return self._coefficients[key]
 
-    def _map(self, W: Tensor, equation: str) -> Tensor:
-        """Each pair's rows of ``W [P, H]`` (parameter layout) mapped by its coefficients along the frequency /
-        slot axis (``equation``: the einsum of ``T`` with a ``[C_out, C_in, F, H]`` part)."""
-        coefficients = self._coefficients_for(W.dtype, W.device)
-        H, out = W.shape[1], []
-        for b, Ts in zip(self.blocks, coefficients):
-            C_out = self.out_channels[b.d_out]
-            Wb = W[b.offset:b.offset + C_out * b.k_in].view(C_out, b.k_in, H)
-            ends = b.in_offsets[1:] + (b.k_in,)
-            for start, end, T in zip(b.in_offsets, ends, Ts):
-                part = Wb[:, start:end].reshape(C_out, (end - start) // T.shape[0], T.shape[0], H)
-                out.append(torch.einsum(equation, T, part).reshape(C_out, end - start, H))
-        rows = []  # back to the parameter layout: per block, its parts side by side
-        i = 0
-        for b in self.blocks:
-            n = len(b.d_ins)
-            rows.append(torch.cat(out[i:i + n], dim=1).reshape(-1, H) if n > 1 else out[i].reshape(-1, H))
-            i += n
-        return torch.cat(rows) if len(rows) > 1 else rows[0]
-
     def apply(self, W: Tensor) -> Tensor:
-        """The slot weights (:class:`se3t.nn.fused.WeightMap`): ``W [P, H]`` with each pair's frequencies ``f``
-        replaced by its edge-frame slots ``s``, ``T @ R`` (same shape and layout)."""
-        return self._map(W, "sf,ocfh->ocsh")
+        """The slot weights (:class:`se3t.nn.fused.WeightMap`) of the last layer ``W [P, H]`` (parameter layout):
+        pair-major, each pair's ``T @ W_pair`` with ``W_pair [F, (o, c, h)]``, so rows ``(pair, slot, o, c)``."""
+        Ts, perm = self._constants(W.dtype, W.device)
+        by_pair, out = W.index_select(0, perm), torch.empty_like(W)
+        for (start, n, _, _), T in zip(self._pairs, Ts):
+            F = T.shape[0]
+            torch.mm(T, by_pair[start:start + n].view(F, -1), out=out[start:start + n].view(F, -1))
+        return out
 
     def adjoint(self, grad: Tensor) -> Tensor:
-        """The parameter's gradient from the slot weights' (``T^T @ G``)."""
-        return self._map(grad, "sf,ocsh->ocfh")
+        """The parameter's gradient (parameter layout) from the slot weights' (``T^T @ G`` per pair)."""
+        Ts, perm = self._constants(grad.dtype, grad.device)
+        by_pair = torch.empty_like(grad)
+        for (start, n, _, _), T in zip(self._pairs, Ts):
+            F = T.shape[0]
+            torch.mm(T.t(), grad[start:start + n].view(F, -1), out=by_pair[start:start + n].view(F, -1))
+        return torch.empty_like(grad).index_copy_(0, perm, by_pair)
 
     def messages(self, h: Tensor, W: Tensor, rows: Tensor, gather_index: Tensor, xs: Sequence[Tensor],
                  x_index: Optional[Tensor], basis: Basis, chunk: Optional[int]) -> Dict[int, Tensor]:
