@@ -15,7 +15,8 @@ pair in its own layout, :meth:`Basis.kernel_major` (a cached copy).
 :func:`get_basis` keeps only the spherical harmonics ``Y [E, (2*max_degree+1)**2]`` (49 numbers per edge for
 degree 3 instead of 1,092) and makes the blocks on first use. The fused convolution never asks for them: it
 projects ``Y`` onto each edge chunk's bases itself (:func:`kernel_projection`), so with every conv at
-``FuseLevel.FULL`` no per-edge basis is ever stored.
+``FuseLevel.FULL`` no per-edge basis is ever stored; at ``FuseLevel.EDGE_FRAME`` (the default) the convolution
+uses the edges' frame rotations instead (:meth:`Basis.edge_frames`, :mod:`se3t.edge_frame`), read off ``Y``.
 """
 from __future__ import annotations
 
