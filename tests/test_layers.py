@@ -92,7 +92,7 @@ def test_conv_fuse_levels_agree_forward_and_backward(radial):
         grads = torch.autograd.grad(loss, [pos] + list(layer.parameters()))
         results[level] = (out, grads)
     ref_out, ref_grads = results[FuseLevel.NONE]
-    for level in (FuseLevel.PARTIAL, FuseLevel.FULL):
+    for level in (FuseLevel.PARTIAL, FuseLevel.FULL, FuseLevel.EDGE_FRAME):  # EDGE_FRAME: FULL's, forces asked
         out, grads = results[level]
         for d in ref_out:
             assert torch.allclose(out[d], ref_out[d], atol=1e-10, rtol=0)
@@ -203,13 +203,15 @@ def test_conv_gradcheck_positions():
     assert torch.autograd.gradcheck(lambda p: fn(x, p, {})[1], (pos.requires_grad_(True),))
 
 
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 @pytest.mark.parametrize("edge_degrees", [(0, 1), (0,)], ids=["edge-features-of-degree-1", "scalar-edge-features"])
 @pytest.mark.parametrize("chunk, group", [(1, 4), (7, 7), (3, 256), (1000, 256)])
-def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, monkeypatch):
+def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, level, monkeypatch):
     """FULL (fused radial + contraction, chunked custom autograd) against NONE (plain autograd), many chunks and
     groups of chunks (several edge ranges on worker threads when torch has more than one thread). With scalar
     edge features only, the kernel gathers the source nodes' features itself; with degree-1 edge features (part
-    of x) it takes edge-level inputs."""
+    of x) it takes edge-level inputs. EDGE_FRAME (the same kernel on the edge frames) is checked without
+    position gradients, which it leaves to FULL."""
     from se3t.nn import fused
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
@@ -220,15 +222,16 @@ def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, mo
     pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=14)
     e = {d: v for d, v in e.items() if d in edge_degrees}
     assert ei.shape[1] > 2 * 7
-    pos.requires_grad_(True)
+    pos.requires_grad_(level == FuseLevel.FULL)
     xs = {d: v.clone().requires_grad_(True) for d, v in x.items()}
     fn = _conv_fn(layer, ei, 2)
     res = []
-    for level in (FuseLevel.NONE, FuseLevel.FULL):
-        layer.fuse_level = level
+    for lvl in (FuseLevel.NONE, level):
+        layer.fuse_level = lvl
         out = fn(xs, pos, e)
         loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
-        res.append((out, torch.autograd.grad(loss, [pos, *xs.values(), *layer.parameters()])))
+        wrt = ([pos] if pos.requires_grad else []) + [*xs.values(), *layer.parameters()]
+        res.append((out, torch.autograd.grad(loss, wrt)))
     for d in res[0][0]:
         assert torch.allclose(res[0][0][d], res[1][0][d], atol=1e-11, rtol=0)
     for a, b in zip(res[0][1], res[1][1]):
@@ -312,7 +315,7 @@ def test_conv_full_from_harmonics_equals_from_blocks():
     as materialised blocks: same outputs and gradients (parameters, features, positions); the harmonics basis
     stays unmaterialised through forward and backward."""
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE.restrict([0]), self_interaction=True,
-                    use_layer_norm=True).double()
+                    use_layer_norm=True, fuse_level="FULL").double()
     layer.chunk_size = 3
     pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
     e = {0: e[0]}
@@ -336,7 +339,8 @@ def test_conv_full_from_harmonics_equals_from_blocks():
         layer(xs, e, radial_in, ei, get_basis(rel, 1))
 
 
-def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(monkeypatch):
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, monkeypatch):
     """Worker threads take edge units dynamically (whichever is free): outputs and every gradient must still be
     bitwise the same from run to run (per-unit partial grad_W summed in unit order), in float32 where summation
     order would show."""
@@ -345,27 +349,29 @@ def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(monkeypatch):
     monkeypatch.setattr(fused, "UNITS_PER_THREAD", 3)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True)
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level)
     layer.chunk_size = 1
     pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
-    pos.requires_grad_(True)
+    pos.requires_grad_(level == FuseLevel.FULL)  # EDGE_FRAME leaves position gradients to FULL
     fn = _conv_fn(layer, ei, 2)
     runs = []
     for _ in range(4):
         out = fn(x, pos, e)
         loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
-        runs.append([*out.values(), *torch.autograd.grad(loss, [pos, *layer.parameters()])])
+        wrt = ([pos] if pos.requires_grad else []) + list(layer.parameters())
+        runs.append([*out.values(), *torch.autograd.grad(loss, wrt)])
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
 
 
-def test_fused_kernel_in_inference_mode_on_worker_threads(monkeypatch):
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_fused_kernel_in_inference_mode_on_worker_threads(level, monkeypatch):
     """Under torch.inference_mode the worker threads write into inference tensors: same result as no_grad."""
     from se3t.nn import fused
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, self_interaction=True).double()
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level).double()
     layer.chunk_size = 1
     pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=14)
     fn = _conv_fn(layer, ei, 2)
@@ -415,8 +421,9 @@ def test_fused_kernel_works_in_a_forked_child_after_the_parent_used_worker_threa
         assert torch.allclose(torch.tensor(out[d], dtype=torch.float64), ref[d], atol=1e-12)
 
 
-def test_fused_kernel_under_bf16_autocast_close_to_fp32():
-    layer = ConvSE3(FIBER_IN, Fiber({0: 4, 1: 4}), FIBER_EDGE, use_layer_norm=True)
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_fused_kernel_under_bf16_autocast_close_to_fp32(level):
+    layer = ConvSE3(FIBER_IN, Fiber({0: 4, 1: 4}), FIBER_EDGE, use_layer_norm=True, fuse_level=level)
     pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
     fn = _conv_fn(layer, ei, 2)
     ref = fn(x, pos, e)
