@@ -117,7 +117,7 @@ def edge_frames(harmonics: Tensor, max_degree: int) -> Optional[EdgeFrames]:
     alpha, beta = torch.atan2(x, z), torch.atan2(torch.hypot(x, z), y)
     rebuilt = scale[:, None] * o3.spherical_harmonics(list(range(2 * max_degree + 1)), unit, normalize=False,
                                                       normalization="integral")
-    if (rebuilt - sh).abs().max() > HARMONICS_TOLERANCE * max(1.0, scale.abs().max().item()):
+    if sh.shape[0] and (rebuilt - sh).abs().max() > HARMONICS_TOLERANCE * max(1.0, scale.abs().max().item()):
         return None
     live = (scale > 0).to(torch.float64).view(-1, 1, 1)
     rot = [_wigner(l, alpha, beta) * live for l in range(max_degree + 1)]

@@ -159,7 +159,11 @@ def test_precomputed_basis_reused_under_no_grad_keeps_force_gradients():
     assert torch.allclose(f, f_ref, atol=1e-12)
 
 
-def test_degenerate_graphs_finite():
+@pytest.mark.parametrize("forces", [True, False], ids=["with-forces", "without-forces"])
+def test_degenerate_graphs_finite(forces):
+    """Zero-length edges, isolated nodes, no edges at all, a single node: finite outputs and gradients, with and
+    without position gradients (without them the default EDGE_FRAME level runs: it has no frame for a
+    zero-length edge and must handle an empty edge set)."""
     model = make_model()
     x, ei, pos, e, _ = make_inputs(8)
     pos = pos.clone()
@@ -171,12 +175,14 @@ def test_degenerate_graphs_finite():
              ({d: v[:1] for d, v in x.items()}, torch.zeros(2, 0, dtype=torch.long), pos[:1],
               random_features(FIBER_EDGE, 0))]                                                # a single node
     for xi, eii, pi, ei_feats in cases:
-        pi = pi.clone().requires_grad_(True)
+        pi = pi.clone().requires_grad_(forces)
+        xi = {d: v.clone().requires_grad_(True) for d, v in xi.items()}
         out = model(xi, eii, pi, ei_feats)
         loss = sum(o.sum() for o in out.values())
         loss.backward()
         assert all(torch.isfinite(o).all() for o in out.values())
-        assert torch.isfinite(pi.grad).all()
+        assert not forces or torch.isfinite(pi.grad).all()
+        assert all(torch.isfinite(v.grad).all() for v in xi.values())
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
         model.zero_grad()
 

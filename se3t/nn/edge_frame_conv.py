@@ -157,8 +157,10 @@ class EdgeFramePlan:
         outs = fused_conv(h, W, rows, self.specs, xs, bts, chunk, x_index=x_index, weight_map=self)
         # every block's [E, K, c_out] side by side, then one gather into (d_out, c, component) order: its backward
         # is one scatter, not one zero-filled block-sized buffer per slice
-        flat = torch.cat([o.reshape(o.shape[0], -1) for o in outs] + ([outs[0].new_zeros(outs[0].shape[0], 1)]
-                                                                       if self.needs_zero_column else []), dim=1)
+        flat = [o.reshape(o.shape[0], o.shape[1] * o.shape[2]) for o in outs]  # explicit widths: E may be 0
+        if self.needs_zero_column:
+            flat.append(outs[0].new_zeros(outs[0].shape[0], 1))
+        flat = torch.cat(flat, dim=1)
         gathered = flat.index_select(1, gather_index)
         result, col = {}, 0
         for b in self.blocks:
