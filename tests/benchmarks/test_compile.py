@@ -25,16 +25,17 @@ FAST = ["--quick", "--no-isolate", "--repeats", "2", "--warmup", "1", "--gemm-si
 BATCH, NUM_BATCHES = 3, 2
 
 
-@pytest.fixture(scope="module")
-def compile_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["EDGE_FRAME", "FULL"])
+def compile_run(tmp_path_factory, request):
+    """One compiled benchmark run per level: the default (EDGE_FRAME) and FULL."""
     out = tmp_path_factory.mktemp("compile")
     # the machine's shared inductor cache instead of a cold one per cell: a rerun of this test loads, not compiles
     # (test_fresh_compile_cache_is_empty_and_removed checks the cold cache on its own)
     patch = pytest.MonkeyPatch()
     patch.setattr(cells_module, "_fresh_compile_cache", lambda enabled: contextlib.nullcontext())
     argv = ["qm9", *FAST, "--model", "tiny", "--data", "synthetic", "--batch-sizes", str(BATCH), "--num-batches",
-            str(NUM_BATCHES), "--levels", "FULL", "--low-memory", "off", "--scatter-backends", "torch",
-            "--compile", "off,on", "--modes", "train,infer", "--out", str(out), "--name", "comp"]
+            str(NUM_BATCHES), "--levels", request.param, "--low-memory", "off", "--scatter-backends",
+            "torch", "--compile", "off,on", "--modes", "train,infer", "--out", str(out), "--name", "comp"]
     try:
         assert main(argv) == 0
     finally:
@@ -81,6 +82,7 @@ def test_compiled_cells_run_and_record_compile_counts(compile_run):
 
 def test_report_sets_compiled_cells_beside_eager(compile_run):
     result, md = compile_run
+    level = result["cells"][0]["fuse_level"]
     main_table = _table(md, "| mode | level | precision | low-mem | compile |")
     assert all(len(row) == len(main_table[0]) for row in main_table)
     assert sorted(row[4] for row in main_table[2:]) == ["off", "off", "on", "on"]
@@ -92,7 +94,7 @@ def test_report_sets_compiled_cells_beside_eager(compile_run):
     keys = [report.cell_key(c) for c in result["cells"]]
     assert len(set(keys)) == len(keys)  # compiled and eager cells are distinct cells for compare
     readme = report.readme_table(result)
-    assert "| FULL | fp32 |" in readme and "| FULL + compile | fp32 |" in readme
+    assert f"| {level} | fp32 |" in readme and f"| {level} + compile | fp32 |" in readme
 
 
 def test_compare_tells_compiled_from_eager(compile_run, tmp_path):
