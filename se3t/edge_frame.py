@@ -91,19 +91,20 @@ def _rotation_terms(l: int, axis: int) -> Tensor:
 
 
 def _wigner(l: int, alpha: Tensor, beta: Tensor) -> Tensor:
-    """e3nn's ``wigner_D(l, alpha, beta, 0)`` (``[E, 2l+1, 2l+1]``, float64) without its matrix exponentials."""
+    """e3nn's ``wigner_D(l, alpha, beta, 0)`` (``[E, 2l+1, 2l+1]``, in the angles' dtype) without its matrix
+    exponentials."""
     L = 2 * l + 1
-    about_y = (_trig(alpha, l) @ _rotation_terms(l, 0).to(alpha.device)).view(-1, L, L)
-    about_x = (_trig(beta, l) @ _rotation_terms(l, 1).to(alpha.device)).view(-1, L, L)
+    about_y = (_trig(alpha, l) @ _rotation_terms(l, 0).to(alpha.device, alpha.dtype)).view(-1, L, L)
+    about_x = (_trig(beta, l) @ _rotation_terms(l, 1).to(alpha.device, alpha.dtype)).view(-1, L, L)
     return torch.bmm(about_y, about_x)
 
 
 @torch.no_grad()
 def edge_frames(harmonics: Tensor, max_degree: int) -> Optional[EdgeFrames]:
     """The frames of edges whose harmonics ``[E, (2*max_degree+1)**2]`` are ``s * Y(r̂)`` (``s >= 0``; ``s = 0``:
-    padding), or ``None`` when some edge's are not (zero-length edges). Computed in float64, returned in the
-    harmonics' dtype (at least float32)."""
-    sh = harmonics.detach().to(torch.float64)
+    padding), or ``None`` when some edge's are not (zero-length edges). Computed in float64 (float32 on MPS,
+    which has no float64), returned in the harmonics' dtype (at least float32)."""
+    sh = harmonics.detach().to(torch.float32 if harmonics.device.type == "mps" else torch.float64)
     dtype = torch.promote_types(harmonics.dtype, torch.float32)
     scale = sh[:, 0] * math.sqrt(4 * math.pi)  # Y_0 = 1/sqrt(4 pi)
     if max_degree == 0:  # scalars only: no rotation, the scale is all there is
@@ -119,7 +120,7 @@ def edge_frames(harmonics: Tensor, max_degree: int) -> Optional[EdgeFrames]:
                                                       normalization="integral")
     if sh.shape[0] and (rebuilt - sh).abs().max() > HARMONICS_TOLERANCE * max(1.0, scale.abs().max().item()):
         return None
-    live = (scale > 0).to(torch.float64).view(-1, 1, 1)
+    live = (scale > 0).to(sh.dtype).view(-1, 1, 1)
     rot = [_wigner(l, alpha, beta) * live for l in range(max_degree + 1)]
     back = [(r * scale.view(-1, 1, 1)).transpose(1, 2).contiguous() for r in rot]
     return EdgeFrames([r.to(dtype) for r in rot], [b.to(dtype) for b in back])
