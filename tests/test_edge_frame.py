@@ -226,3 +226,6 @@ def test_slot_weights_map_is_linear_with_its_adjoint_and_never_stored():
     weight = layer.radial[0].last.weight
     same_shape = [t for t in saved if t.shape == weight.shape]
     assert same_shape and all(t.data_ptr() == weight.data_ptr() for t in same_shape)
+    # nor the messages: the kernel's joint output and its gather/rotation keep nothing edge-sized but constants
+    E, width = ei.shape[1], sum(spec.K * spec.c_out for spec in plan.specs)
+    assert not any(t.dim() >= 2 and t.shape[0] == E and t[0].numel() >= width for t in saved)

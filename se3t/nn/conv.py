@@ -211,7 +211,7 @@ class ConvSE3(nn.Module):
         if level == FuseLevel.EDGE_FRAME:
             frames = None if (sh is None or (sh.requires_grad and torch.is_grad_enabled())) else basis.edge_frames()
             if frames is not None:
-                return self._edge_frame_messages(node_feats, edge_feats, radial_in, src, basis, frames)
+                return self._edge_frame_messages(node_feats, edge_feats, radial_in, src, basis)
             level = FuseLevel.FULL  # no frame (zero-length edges, block bases) or forces: the basis path
         if level == FuseLevel.FULL:
             # x @ B, the radial last layer and the contraction in one chunked kernel (see se3t.nn.fused): only
@@ -269,16 +269,16 @@ class ConvSE3(nn.Module):
         return [x[d] for d in self.fiber_in.degrees], x_index
 
     def _edge_frame_messages(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
-                             src: Tensor, basis: Basis, frames) -> Features:
+                             src: Tensor, basis: Basis) -> Features:
         """:meth:`edge_messages` in the edge frame (``FuseLevel.EDGE_FRAME``, see :mod:`se3t.nn.edge_frame_conv`)."""
         xs, x_index = self._kernel_inputs(node_feats, edge_feats, src)
-        rotated: Features = {}
+        out: Features = {}
         for g, (mlp, plan) in enumerate(zip(self.radial, self._frame_plans)):
-            outs = plan.messages(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_frame_rows_{g}"),
+            msgs = plan.messages(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_frame_rows_{g}"),
                                  getattr(self, f"_frame_gather_{g}"), xs, x_index, basis, self.chunk_size)
-            for d, o in outs.items():
-                rotated[d] = o if d not in rotated else rotated[d] + o
-        return {d: torch.bmm(o, frames.back[d].to(o.dtype)) for d, o in rotated.items()}
+            for d, o in msgs.items():
+                out[d] = o if d not in out else out[d] + o
+        return out
 
     def forward(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
                 edge_index: Tensor, basis: Basis) -> Features:

@@ -149,22 +149,52 @@ class EdgeFramePlan:
 
     def messages(self, h: Tensor, W: Tensor, rows: Tensor, gather_index: Tensor, xs: Sequence[Tensor],
                  x_index: Optional[Tensor], basis: Basis, chunk: Optional[int]) -> Dict[int, Tensor]:
-        """``{d_out: out' [E, C_out, 2d_out+1]}``: this MLP's messages in the edge frame (rotate back with
-        ``basis.edge_frames().back``). ``h [E, H]``: the MLP's hidden features; ``W``: its last layer;
-        ``rows``, ``gather_index``: :attr:`rows` and :attr:`gather_index` on the device; ``xs``/``x_index``: as for
-        :func:`se3t.nn.fused.fused_conv`."""
+        """``{d_out: [E, C_out, 2d_out+1]}``: this MLP's messages, computed in the edge frame and rotated back.
+        ``h [E, H]``: the MLP's hidden features; ``W``: its last layer; ``rows``, ``gather_index``: :attr:`rows`
+        and :attr:`gather_index` on the device; ``xs``/``x_index``: as for :func:`se3t.nn.fused.fused_conv`;
+        ``basis``: with frames (:meth:`se3t.basis.Basis.edge_frames` not ``None``)."""
         bts = [basis.frame_rows(d, m) for d, m in self.part_orders]
-        outs = fused_conv(h, W, rows, self.specs, xs, bts, chunk, x_index=x_index, weight_map=self)
-        # every block's [E, K, c_out] side by side, then one gather into (d_out, c, component) order: its backward
-        # is one scatter, not one zero-filled block-sized buffer per slice
-        flat = [o.reshape(o.shape[0], o.shape[1] * o.shape[2]) for o in outs]  # explicit widths: E may be 0
+        # every block's [E, K, c_out] side by side in one tensor (no per-block copies)
+        flat, = fused_conv(h, W, rows, self.specs, xs, bts, chunk, x_index=x_index, weight_map=self,
+                           single_output=True)
         if self.needs_zero_column:
-            flat.append(outs[0].new_zeros(outs[0].shape[0], 1))
-        flat = torch.cat(flat, dim=1)
-        gathered = flat.index_select(1, gather_index)
-        result, col = {}, 0
-        for b in self.blocks:
-            C, L = self.out_channels[b.d_out], degree_to_dim(b.d_out)
-            result[b.d_out] = gathered[:, col:col + C * L].view(-1, C, L)
+            flat = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], dim=1)
+        degrees = [b.d_out for b in self.blocks]
+        back = [basis.edge_frames().back[d] for d in degrees]
+        outs = _GatherRotate.apply(flat, gather_index, tuple(self.out_channels[d] for d in degrees), *back)
+        return dict(zip(degrees, outs))
+
+
+class _GatherRotate(torch.autograd.Function):
+    """``out_d = flat[:, index_d].view(E, C_d, L_d) @ back_d`` for each output degree ``d`` (``index`` holds the
+    ``index_d`` one after the other). Plain autograd would give every degree's slice its own zero-filled copy of
+    ``flat``'s gradient; here backward writes each degree's part of the one gradient directly. Nothing per edge
+    is saved (the rotations ``back_d`` are constants of the edge set)."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, index: Tensor, channels: Tuple[int, ...], *back: Tensor):
+        outs, col = [], 0
+        for C, R in zip(channels, back):
+            L = R.shape[-1]
+            part = flat.index_select(1, index[col:col + C * L]).view(-1, C, L)
+            outs.append(torch.bmm(part, R.to(part.dtype)))
             col += C * L
-        return result
+        ctx.save_for_backward(index, *back)
+        ctx.channels, ctx.width = channels, flat.shape[1]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        index, *back = ctx.saved_tensors
+        E = back[0].shape[0]
+        grad_flat, col = None, 0
+        for C, R, g in zip(ctx.channels, back, grads):
+            L = R.shape[-1]
+            if g is not None:
+                if grad_flat is None:
+                    grad_flat = g.new_zeros(E, ctx.width)
+                part = torch.bmm(g, R.transpose(1, 2).to(g.dtype)).view(E, C * L)
+                # each position is read once (a permutation), except the zero column: its gradient is not used
+                grad_flat.index_add_(1, index[col:col + C * L], part)
+            col += C * L
+        return (grad_flat, None, None) + (None,) * len(back)

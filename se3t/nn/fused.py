@@ -243,8 +243,8 @@ class _FusedConv(torch.autograd.Function):
     # 27-30 with 8 MiB).
     @staticmethod
     def forward(ctx, chunk: Optional[int], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor,
-                x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"], h: Tensor, W: Tensor,
-                *xs_bts: Tensor):
+                x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"], single_output: bool,
+                h: Tensor, W: Tensor, *xs_bts: Tensor):
         W_param = W
         if weight_map is not None:  # the kernel's weights are a linear map of the parameter: made here, not saved
             W = weight_map.apply(W).to(h.dtype)
@@ -253,8 +253,15 @@ class _FusedConv(torch.autograd.Function):
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
         E = h.shape[0]
         outs = []
+        # one [E, sum_j K_j*C_out_j] tensor with each block's output a strided view, or one tensor per block
+        buf = h.new_empty(E, sum(b.K * b.c_out for b in blocks)) if single_output else None
+        col = 0
         for j, b in enumerate(blocks):
-            out = h.new_empty(E, b.K, b.c_out)
+            if buf is None:
+                out = h.new_empty(E, b.K, b.c_out)
+            else:
+                out = buf[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out)
+                col += b.K * b.c_out
             Wj_t = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in]).t()
             n_max, group = _chunk_sizes(chunk, b, E, h.device)
             dims = [xs[p.x].shape[2] for p in b.parts]
@@ -264,24 +271,29 @@ class _FusedConv(torch.autograd.Function):
                 return (h.new_empty(n_max, b.c_out * b.k_in), h.new_empty(group, b.K, b.k_in),
                         h.new_empty(group * b.K * b.k_in),
                         bases.sh.new_empty(group * width) if width else None,
-                        h.new_empty(group * width) if (width and cast) else None)
+                        h.new_empty(group * width) if (width and cast) else None,
+                        h.new_empty(n_max, b.K, b.c_out) if single_output else None)
 
             def forward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, out=out, Wj_t=Wj_t, n_max=n_max,
                               group=group) -> None:
-                rbuf, tmp, pbuf, bbuf, cbuf = bufs
+                rbuf, tmp, pbuf, bbuf, cbuf, obuf = bufs
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
                     t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
                     for s in range(0, m, n_max):
                         n = min(n_max, m - s)
                         R = torch.mm(h[S + s:S + s + n], Wj_t, out=rbuf[:n]).view(n, b.c_out, b.k_in)
-                        torch.bmm(t[s:s + n], R.transpose(1, 2), out=out[S + s:S + s + n])
+                        if obuf is None:
+                            torch.bmm(t[s:s + n], R.transpose(1, 2), out=out[S + s:S + s + n])
+                        else:  # a strided view of the one output: a GEMM into it would go through a temporary
+                            out[S + s:S + s + n].copy_(torch.bmm(t[s:s + n], R.transpose(1, 2), out=obuf[:n]))
 
             _run_ranges(forward_range, forward_buffers, lambda _: None, E, n_max, h.device, E * b.c_out * b.k_in)
             outs.append(out)
         ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh, ctx.weight_map = chunk, blocks, num_x, with_sh, weight_map
+        ctx.single_output = single_output
         ctx.save_for_backward(rows, x_index, h, W_param, *xs_bts)
-        return tuple(outs)
+        return (buf,) if single_output else tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):
@@ -293,10 +305,16 @@ class _FusedConv(torch.autograd.Function):
         bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
         E = h.shape[0]
-        need_h, need_W = ctx.needs_input_grad[7], ctx.needs_input_grad[8]
-        need_x = ctx.needs_input_grad[9:9 + num_x]
+        need_h, need_W = ctx.needs_input_grad[8], ctx.needs_input_grad[9]
+        need_x = ctx.needs_input_grad[10:10 + num_x]
         # with harmonics the "bts" are constant projections (one per block, no gradient; parts index nothing)
-        need_bt = ctx.needs_input_grad[9 + num_x:] if not with_sh else ()
+        need_bt = ctx.needs_input_grad[10 + num_x:] if not with_sh else ()
+        if ctx.single_output:  # each block's gradient: a strided view of the one output's
+            grad_all, grad_outs, col = grad_outs[0], [], 0
+            for b in blocks:
+                grad_outs.append(None if grad_all is None else
+                                 grad_all[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out))
+                col += b.K * b.c_out
         # Accumulate in at least float32 (many chunks; bf16 partial sums would lose bits).
         acc_dtype = torch.promote_types(W.dtype, torch.float32)
         grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
@@ -308,13 +326,14 @@ class _FusedConv(torch.autograd.Function):
         grad_bt = [torch.zeros_like(bt) if need else None for bt, need in zip(bases.bts, need_bt)]
         bt_grad = (lambda p: None) if with_sh else (lambda p: grad_bt[p.bt])
         grad_sh = None
-        if with_sh and ctx.needs_input_grad[9 + num_x]:  # each edge range adds into its own rows
+        if with_sh and ctx.needs_input_grad[10 + num_x]:  # each edge range adds into its own rows
             grad_sh = torch.zeros(bases.sh.shape, dtype=torch.promote_types(bases.sh.dtype, acc_dtype),
                                   device=h.device)
         for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
             if g_all is None:
                 continue
-            g_all = g_all.contiguous()
+            if g_all.stride(-1) != 1:  # rows of channels must be contiguous for the chunk GEMMs; views of one
+                g_all = g_all.contiguous()  # output already are
             parts_in = [p for p in b.parts
                         if grad_x[p.x] is not None or bt_grad(p) is not None or grad_sh is not None]
             Wj = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in])
@@ -392,14 +411,15 @@ class _FusedConv(torch.autograd.Function):
         grad_x = [gx.transpose(1, 2) if gx is not None else None for gx in grad_x]
         if with_sh:
             grad_sh = grad_sh.to(bases.sh.dtype) if grad_sh is not None else None
-            return (None,) * 7 + (grad_h, grad_W, *grad_x, grad_sh) + (None,) * len(bases.bts)
-        return (None,) * 7 + (grad_h, grad_W, *grad_x, *grad_bt)
+            return (None,) * 8 + (grad_h, grad_W, *grad_x, grad_sh) + (None,) * len(bases.bts)
+        return (None,) * 8 + (grad_h, grad_W, *grad_x, *grad_bt)
 
 
 @torch.compiler.disable  # a hand-scheduled kernel: compiling would unroll its chunk loops (one graph break instead)
 def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], xs: Sequence[Tensor],
                bts: Sequence[Tensor], chunk: Optional[int] = None, x_index: Optional[Tensor] = None,
-               sh: Optional[Tensor] = None, weight_map: Optional["WeightMap"] = None) -> List[Tensor]:
+               sh: Optional[Tensor] = None, weight_map: Optional["WeightMap"] = None,
+               single_output: bool = False) -> List[Tensor]:
     """``out_j[e] = tmp_j[e] @ (W'_j @ h[e]).view(C_out, K_in)^T`` with ``tmp_j[e]`` the parts ``Bt[e] @ x[e]^T``.
 
     Shapes: ``h [E, H]``, ``W [P, H]``, ``rows [P]`` (int64: ``W' = W[rows]`` has the rows of each block ordered
@@ -411,6 +431,8 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     ``[S_j, W_j]`` (:func:`se3t.basis.kernel_projection`, ``S_j <= S``), and each group of edges makes its bases
     as ``sh @ M_j`` (in ``sh``'s dtype, at least the compute dtype): no per-edge basis is stored; gradients go to
     ``sh``, none to the projections.
+    ``single_output``: return one tensor ``[E, sum_j K_j * C_out_j]`` holding the blocks' outputs side by side
+    (each ``[K_j, C_out_j]`` row-major) instead of one tensor per block.
     ``weight_map`` (optional): the kernel's weights are ``weight_map.apply(W)``, a linear map of ``W`` made in
     forward and again in backward (never stored); ``W``'s gradient is ``weight_map.adjoint`` of theirs.
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
@@ -438,4 +460,4 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
             args += [t.to(dtype).contiguous() for t in bts]
         chunk = None if chunk is None else max(1, int(chunk))
         return list(_FusedConv.apply(chunk, tuple(blocks), len(xs), rows, x_index, sh is not None, weight_map,
-                                     *args))
+                                     single_output, *args))
