@@ -226,6 +226,12 @@ def test_slot_weights_map_is_linear_with_its_adjoint_and_never_stored():
     weight = layer.radial[0].last.weight
     same_shape = [t for t in saved if t.shape == weight.shape]
     assert same_shape and all(t.data_ptr() == weight.data_ptr() for t in same_shape)
-    # nor the messages: the kernel's joint output and its gather/rotation keep nothing edge-sized but constants
-    E, width = ei.shape[1], sum(spec.K * spec.c_out for spec in plan.specs)
-    assert not any(t.dim() >= 2 and t.shape[0] == E and t[0].numel() >= width for t in saved)
+    # nor the messages: the kernel's joint output and its gather/rotation keep nothing message-sized (the largest
+    # per-edge tensors kept are the radial MLP's hidden features, 32 wide, and the degree-3 frames, 49)
+    wide = ConvSE3(FIBER_IN, Fiber({0: 8, 1: 8, 2: 8}), Fiber({0: 2}), fuse_level="EDGE_FRAME").double()
+    E, width = ei.shape[1], sum(spec.K * spec.c_out for spec in wide._frame_plans[0].specs)
+    assert width > 49
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run(wide, ei, x, pos, e, 3)
+    assert saved and not any(t.dim() >= 2 and t.shape[0] == E and t[0].numel() >= width for t in saved)
