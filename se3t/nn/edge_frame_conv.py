@@ -6,8 +6,9 @@ channels ``(d_out, c_out)`` over the MLP's output degrees ``>= m``, input column
 input degrees ``>= m``; the kernel's per-edge "basis" of an input degree is :func:`se3t.edge_frame.frame_rows`
 (the frame rotation's rows, ``[E, 4, 2d_in+1]``) and its weights are the radial MLP's last layer mapped
 from frequencies to slots (:meth:`EdgeFramePlan.apply`, inside the kernel in forward and again in backward:
-never stored). The plan returns each output
-degree in the frame, ``out' [E, C_out, 2d_out+1]``; the conv rotates back.
+never stored). The kernel writes every block into one output; one gather puts each output degree's components in
+order and the frame rotation takes them back (:class:`_GatherRotate`, which keeps nothing per edge but the
+rotations).
 """
 from __future__ import annotations
 
