@@ -277,8 +277,8 @@ class Basis(Mapping):
 
     def edge_frames(self) -> Optional[EdgeFrames]:
         """The edges' frame rotations (:func:`se3t.edge_frame.edge_frames`), or ``None`` when this basis holds no
-        harmonics or they have no frame (zero-length edges). Constants, made once and kept (same inference-mode
-        rule as :meth:`kernel_major`)."""
+        harmonics or they have no frame (zero-length edges). Constants without gradient, made once and kept (as
+        normal tensors even under ``inference_mode``, so the same basis serves inference and training)."""
         return self._edge_frame_state()[0]
 
     def frame_rows(self, d_in: int, m: int) -> Tensor:
@@ -287,7 +287,8 @@ class Basis(Mapping):
         frames, rows = self._edge_frame_state()
         key = (d_in, m)
         if key not in rows:
-            rows[key] = frame_rows(frames.rot[d_in], d_in, m)
+            with torch.inference_mode(False):
+                rows[key] = frame_rows(frames.rot[d_in], d_in, m)
         return rows[key]
 
     @torch.compiler.disable  # constants of the edge set (one host sync): a graph break, not a traced recompute
@@ -295,10 +296,9 @@ class Basis(Mapping):
         if self._frames is not None:
             return self._frames
         sh = self._harmonics
-        state = (None if sh is None else edge_frames(sh, self.max_degree), {})
-        if sh is None or torch.is_inference_mode_enabled() == sh.is_inference():
-            self._frames = state
-        return state
+        with torch.inference_mode(False):  # normal tensors (no gradient): usable under either mode later
+            self._frames = (None if sh is None else edge_frames(sh, self.max_degree), {})
+        return self._frames
 
     # Construction -------------------------------------------------------------------------------------------
     @classmethod

@@ -235,3 +235,26 @@ def test_slot_weights_map_is_linear_with_its_adjoint_and_never_stored():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _run(wide, ei, x, pos, e, 3)
     assert saved and not any(t.dim() >= 2 and t.shape[0] == E and t[0].numel() >= width for t in saved)
+
+
+def test_frames_are_made_once_and_serve_inference_and_training():
+    """Frames made under inference_mode (from normal or inference harmonics) are kept and are normal tensors: the
+    same basis then runs an inference and a training forward through EDGE_FRAME."""
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1}), Fiber({0: 2}), fuse_level="EDGE_FRAME").double()
+    pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
+    rel = pos[ei[1]] - pos[ei[0]]
+    radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1)
+    basis = get_basis(rel, 3)
+    with torch.inference_mode():
+        ref = layer(x, e, radial_in, ei, basis)
+        frames = basis.edge_frames()
+        assert basis.edge_frames() is frames and not frames.rot[2].is_inference()
+        assert not basis.frame_rows(2, 1).is_inference()
+    out = layer({d: v.clone().requires_grad_() for d, v in x.items()}, e, radial_in, ei, basis)
+    sum(o.sum() for o in out.values()).backward()
+    for d in ref:
+        assert torch.allclose(out[d], ref[d], atol=1e-12)
+    with torch.inference_mode():
+        inference_basis = get_basis(rel, 3)
+        inference_basis.edge_frames()
+    assert inference_basis.edge_frames() is not None and not inference_basis.edge_frames().back[1].is_inference()
