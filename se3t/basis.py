@@ -283,13 +283,8 @@ class Basis(Mapping):
 
     def frame_rows(self, d_in: int, m: int) -> Tensor:
         """The fused kernel's edge-frame basis of ``d_in`` at order ``m`` (:func:`se3t.edge_frame.frame_rows`),
-        kept like the frames; only valid when :meth:`edge_frames` is not ``None``."""
-        frames, rows = self._edge_frame_state()
-        key = (d_in, m)
-        if key not in rows:
-            with torch.inference_mode(False):
-                rows[key] = frame_rows(frames.rot[d_in], d_in, m)
-        return rows[key]
+        made with the frames (all ``m <= d_in``); only valid when :meth:`edge_frames` is not ``None``."""
+        return self._edge_frame_state()[1][(d_in, m)]
 
     @torch.compiler.disable  # constants of the edge set (one host sync): a graph break, not a traced recompute
     def _edge_frame_state(self) -> Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]:
@@ -297,7 +292,10 @@ class Basis(Mapping):
             return self._frames
         sh = self._harmonics
         with torch.inference_mode(False):  # normal tensors (no gradient): usable under either mode later
-            self._frames = (None if sh is None else edge_frames(sh, self.max_degree), {})
+            frames = None if sh is None else edge_frames(sh, self.max_degree)
+            rows = {} if frames is None else {(d, m): frame_rows(frames.rot[d], d, m)
+                                              for d in range(self.max_degree + 1) for m in range(d + 1)}
+        self._frames = (frames, rows)
         return self._frames
 
     # Construction -------------------------------------------------------------------------------------------
