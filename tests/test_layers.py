@@ -203,16 +203,29 @@ def test_conv_gradcheck_positions():
     assert torch.autograd.gradcheck(lambda p: fn(x, p, {})[1], (pos.requires_grad_(True),))
 
 
+#: The kernel's two orders for one-row blocks (``fused.ONE_ROW_OUTER``): "outer" for every such block (the
+#: default applies it only to wide blocks, which these small layers do not have), or "R" for none.
+ORDERS = ["outer", "R"]
+
+
+def _set_order(monkeypatch, order: str) -> None:
+    from se3t.nn import fused
+    monkeypatch.setattr(fused, "ONE_ROW_OUTER", order == "outer")
+    monkeypatch.setattr(fused, "ONE_ROW_OUTER_MIN_RATIO", 0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 @pytest.mark.parametrize("edge_degrees", [(0, 1), (0,)], ids=["edge-features-of-degree-1", "scalar-edge-features"])
 @pytest.mark.parametrize("chunk, group", [(1, 4), (7, 7), (3, 256), (1000, 256)])
-def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, level, monkeypatch):
+def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, level, order, monkeypatch):
     """FULL (fused radial + contraction, chunked custom autograd) against NONE (plain autograd), many chunks and
     groups of chunks (several edge ranges on worker threads when torch has more than one thread). With scalar
     edge features only, the kernel gathers the source nodes' features itself; with degree-1 edge features (part
     of x) it takes edge-level inputs. EDGE_FRAME (the same kernel on the edge frames) is checked without
-    position gradients, which it leaves to FULL."""
+    position gradients, which it leaves to FULL. One-row blocks in both of the kernel's orders."""
     from se3t.nn import fused
+    _set_order(monkeypatch, order)
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     fiber_edge = FIBER_EDGE.restrict(edge_degrees)
@@ -238,12 +251,14 @@ def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, le
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("parallel, chunk, group", [(False, 2, 4), (True, 2, 2), (True, 1, 3)])
-def test_fused_kernel_gradcheck(parallel, chunk, group, monkeypatch):
+def test_fused_kernel_gradcheck(parallel, chunk, group, order, monkeypatch):
     """The fused kernel alone, every input (radial hidden, weights, features, bases), several chunks, groups of
-    chunks and parts, on the calling thread and split over worker threads."""
+    chunks and parts, on the calling thread and split over worker threads, one-row blocks in both orders."""
     from se3t.nn import fused
     from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
+    _set_order(monkeypatch, order)
     monkeypatch.setattr(fused, "PARALLEL_RANGES", parallel)
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
@@ -254,7 +269,7 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, monkeypatch):
     h = rnd(E, 4)
     xs = [rnd(E, 2, 1), rnd(E, 3, 3)]                       # C=2 of degree 0, C=3 of degree 1
     # block 0: d_out=1 (K=3) from d_in 0 (F=1) and d_in 1 (F=3): K_in = 2 + 9 = 11, C_out = 2
-    # block 1: d_out=0 (K=1) from d_in 1 (F=1): K_in = 3, C_out = 3 (the outer-product branch)
+    # block 1: d_out=0 (K=1) from d_in 1 (F=1): K_in = 3, C_out = 3 (the outer order, or R's outer-product branch)
     bts = [rnd(E, 3 * 1, 1), rnd(E, 3 * 3, 3), rnd(E, 1 * 1, 3)]
     blocks = [BlockSpec(0, 2, 3, 11, (PartSpec(0, 0, 0, 1, 2), PartSpec(1, 1, 2, 3, 3))),
               BlockSpec(22, 3, 1, 3, (PartSpec(1, 2, 0, 1, 3),))]
@@ -274,12 +289,14 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(ref, out))
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("parallel", [False, True], ids=["calling-thread", "worker-threads"])
-def test_fused_kernel_from_harmonics_gradcheck(parallel, monkeypatch):
+def test_fused_kernel_from_harmonics_gradcheck(parallel, order, monkeypatch):
     """Bases made per edge group from harmonics (``sh @ M_j``): gradcheck of every input including ``sh``, and
-    the same outputs as the kernel given those bases materialised."""
+    the same outputs as the kernel given those bases materialised; one-row blocks in both orders."""
     from se3t.nn import fused
     from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
+    _set_order(monkeypatch, order)
     monkeypatch.setattr(fused, "PARALLEL_RANGES", parallel)
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
@@ -339,12 +356,14 @@ def test_conv_full_from_harmonics_equals_from_blocks():
         layer(xs, e, radial_in, ei, get_basis(rel, 1))
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
-def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, monkeypatch):
+def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, order, monkeypatch):
     """Worker threads take edge units dynamically (whichever is free): outputs and every gradient must still be
     bitwise the same from run to run (per-unit partial grad_W summed in unit order), in float32 where summation
     order would show."""
     from se3t.nn import fused
+    _set_order(monkeypatch, order)
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "UNITS_PER_THREAD", 3)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
@@ -364,10 +383,12 @@ def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, monkeypat
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
-def test_fused_kernel_in_inference_mode_on_worker_threads(level, monkeypatch):
+def test_fused_kernel_in_inference_mode_on_worker_threads(level, order, monkeypatch):
     """Under torch.inference_mode the worker threads write into inference tensors: same result as no_grad."""
     from se3t.nn import fused
+    _set_order(monkeypatch, order)
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -421,8 +442,10 @@ def test_fused_kernel_works_in_a_forked_child_after_the_parent_used_worker_threa
         assert torch.allclose(torch.tensor(out[d], dtype=torch.float64), ref[d], atol=1e-12)
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
-def test_fused_kernel_under_bf16_autocast_close_to_fp32(level):
+def test_fused_kernel_under_bf16_autocast_close_to_fp32(level, order, monkeypatch):
+    _set_order(monkeypatch, order)
     layer = ConvSE3(FIBER_IN, Fiber({0: 4, 1: 4}), FIBER_EDGE, use_layer_norm=True, fuse_level=level)
     pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
     fn = _conv_fn(layer, ei, 2)
@@ -495,3 +518,35 @@ def test_channel_mix_gradients_memory_and_autocast():
     out.float().sum().backward()
     assert Wf.grad.dtype == torch.float32 and xf.grad.dtype == torch.float32
     assert torch.allclose(xf.grad, W.detach().float().sum(0)[None, :, None].expand_as(xf), rtol=1e-2)
+
+
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_one_row_outer_order_is_chosen_for_wide_blocks_and_equals_r_order(level, monkeypatch):
+    """With the default threshold the outer order runs exactly for one-row blocks with ``C_out >= 2 H`` (here a
+    conv with 8 hidden radial features and 17 degree-0 outputs: FULL's degree-0 block, EDGE_FRAME's order 0), and
+    gives the R order's outputs and gradients (float64)."""
+    from se3t.nn import fused
+    chosen = []
+    use_outer = fused._use_outer
+    monkeypatch.setattr(fused, "_use_outer", lambda b, H: chosen.append((b.K, b.c_out, H, use_outer(b, H)))
+                        or use_outer(b, H))
+    layer = ConvSE3(FIBER_IN, Fiber({0: 17, 1: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level,
+                    radial_hidden=8).double()
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=14)
+    pos.requires_grad_(level == FuseLevel.FULL)
+    xs = {d: v.clone().requires_grad_(True) for d, v in x.items()}
+    fn = _conv_fn(layer, ei, 2)
+    res = []
+    for outer in (True, False):
+        monkeypatch.setattr(fused, "ONE_ROW_OUTER", outer)
+        chosen.clear()
+        out = fn(xs, pos, e)
+        loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
+        wrt = ([pos] if pos.requires_grad else []) + [*xs.values(), *layer.parameters()]
+        res.append([*out.values(), *torch.autograd.grad(loss, wrt)])
+        if outer:
+            used = [c for c in chosen if c[3]]
+            assert used and all(K == 1 and c_out >= 2 * H for K, c_out, H, _ in used)
+            assert all(not (K == 1 and c_out >= 2 * H) for K, c_out, H, u in chosen if not u)
+    for a, b in zip(*res):
+        assert torch.allclose(a, b, atol=1e-11, rtol=0)
