@@ -133,20 +133,20 @@ class EdgeFramePlan:
         """The slot weights (:class:`se3t.nn.fused.WeightMap`) of the last layer ``W [P, H]`` (parameter layout):
         pair-major, each pair's ``T @ W_pair`` with ``W_pair [F, (o, c, h)]``, so rows ``(pair, slot, o, c)``."""
         Ts, perm = self._constants(W.dtype, W.device)
-        by_pair, out = W.index_select(0, perm), torch.empty_like(W)
-        for (start, n, _, _), T in zip(self._pairs, Ts):
+        out = torch.empty_like(W)
+        for (start, n, _, _), T in zip(self._pairs, Ts):  # pair by pair: no second W-sized temporary
             F = T.shape[0]
-            torch.mm(T, by_pair[start:start + n].view(F, -1), out=out[start:start + n].view(F, -1))
+            torch.mm(T, W.index_select(0, perm[start:start + n]).view(F, -1), out=out[start:start + n].view(F, -1))
         return out
 
     def adjoint(self, grad: Tensor) -> Tensor:
         """The parameter's gradient (parameter layout) from the slot weights' (``T^T @ G`` per pair)."""
         Ts, perm = self._constants(grad.dtype, grad.device)
-        by_pair = torch.empty_like(grad)
-        for (start, n, _, _), T in zip(self._pairs, Ts):
+        out = torch.empty_like(grad)
+        for (start, n, _, _), T in zip(self._pairs, Ts):  # pair by pair: no second W-sized temporary
             F = T.shape[0]
-            torch.mm(T.t(), grad[start:start + n].view(F, -1), out=by_pair[start:start + n].view(F, -1))
-        return torch.empty_like(grad).index_copy_(0, perm, by_pair)
+            out.index_copy_(0, perm[start:start + n], torch.mm(T.t(), grad[start:start + n].view(F, -1)).view(n, -1))
+        return out
 
     def messages(self, h: Tensor, W: Tensor, rows: Tensor, gather_index: Tensor, xs: Sequence[Tensor],
                  x_index: Optional[Tensor], basis: Basis, chunk: Optional[int]) -> Dict[int, Tensor]:

@@ -478,6 +478,7 @@ class _FusedConv(torch.autograd.Function):
             fold = (lambda partial, r=block_rows: grad_W.index_add_(0, r, partial)) if need_W else (lambda _: None)
             _run_ranges(outer_backward_range if outer else backward_range, backward_buffers, fold, E, n_max,
                         h.device, E * b.c_out * b.k_in)
+        W = Wj = None  # a mapped W is a temporary: freed before the adjoint makes the parameter's gradient
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
         if grad_W is not None:
             grad_W = (grad_W if weight_map is None else weight_map.adjoint(grad_W)).to(W_param.dtype)
