@@ -28,7 +28,7 @@ from se3t import Fiber
 
 from .flops import model_flops
 from .machine import gemm_rate, precision_context, sync
-from .runner import PeakMemory, latency_stats, time_steps
+from .runner import PeakMemory, latency_stats, live_tensor_peak, time_steps
 
 __all__ = ["build_model", "se3t_cell", "model_inputs", "shape_key"]
 
@@ -241,6 +241,8 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
         result["memory"] = memory.stop()
         if training:
             result["memory"].update(_training_state_bytes(model, opt, result["memory"]["growth_bytes"]))
+        if dev.type == "cpu" and not compile_model:  # CUDA's peak is already of live tensors
+            result["memory"].update(live_tensor_peak(lambda: step(timing["indices"][0])))
         if compile_model:
             after = _dynamo_counts()
             stats.update(after, graphs_compiled_after_first_steps=after["unique_graphs"] - before["unique_graphs"],

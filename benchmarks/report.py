@@ -106,7 +106,7 @@ def _cells_table(result: dict) -> List[str]:
     compiled = _any_compiled(result)  # the compile column only in runs with compiled cells
     cols = (["mode", "level", "precision", "low-mem"] + (["compile"] if compiled else [])
             + ["batch", "scatter", "status", "throughput", "median ms", "p90 ms", "p99 ms", "peak mem", "mem growth",
-               "act. growth", "GFLOP/s", "% GEMM", "% GEMM (ref-fused)", "equiv. err", "dev vs fp32", "load"])
+               "act. growth", "live peak", "GFLOP/s", "% GEMM", "% GEMM (ref-fused)", "equiv. err", "dev vs fp32", "load"])
     extra = result["suite"] in ("scaling", "peers")
     if extra:
         cols = ["model", "sweep", "points", "edges", "L"] + cols if result["suite"] == "scaling" else ["model"] + cols
@@ -126,7 +126,7 @@ def _cells_table(result: dict) -> List[str]:
             f"{_num(tp.get('value'))} {tp.get('unit', '')}" if ok else "-",
             _ms(lat.get("median")), _ms(lat.get("p90")), _ms(lat.get("p99")),
             fmt_bytes(mem.get("peak_bytes")), fmt_bytes(mem.get("growth_bytes")),
-            fmt_bytes(mem.get("activation_growth_bytes")),
+            fmt_bytes(mem.get("activation_growth_bytes")), fmt_bytes(mem.get("live_peak_bytes")),
             _num(fl.get("achieved_flops_per_s", 0) / 1e9) if fl else "-",
             f"{100 * u:.1f}" if u is not None else "-", f"{100 * uf:.1f}" if uf is not None else "-",
             _num(eq.get("max_rel_error"), 2), _num(eq.get("rel_dev_vs_fp32_none"), 2),
@@ -178,7 +178,8 @@ def markdown(result: dict) -> str:
               "loss + backward + AdamW; infer: forward), warm-up excluded. Peak memory: CUDA peak allocated, CPU "
               "peak resident set of the cell's own process (growth: over the state before the first step, "
               "including the optimizer's state; act.: the growth less gradients and optimizer state, i.e. activations, "
-              "workspaces and what the allocator keeps). GFLOP/s: useful matmul FLOPs of the model counted per degree "
+              "workspaces and what the allocator keeps; live peak, CPU: the most bytes of tensors alive at once in "
+              "one profiled step, over those alive before it, whatever the allocator keeps). GFLOP/s: useful matmul FLOPs of the model counted per degree "
               "pair (`benchmarks/flops.py`), over the measured time; % GEMM: of the dense GEMM rate measured in "
               "the same process and precision; ref-fused: the same time credited with the reference's fused-basis "
               "FLOP count (issue 7's 3.5 GFLOP per molecule and step). Equivariance error: worst relative error of "
@@ -381,8 +382,9 @@ def readme_table(result: dict, source: str = "") -> str:
     lines = [f"Measured on {machine} on {result['created'][:10]} with `{result['command']}`"
              + (f" (`{source}`)" if source else "") + ".", "",
              "| fusion level | precision | low memory | batch | " + ("scatter | " if multi_backend else "")
-             + "train (mol/s) | inference (mol/s) | train peak memory | train % of GEMM | equivariance error |",
-             "|---|---|---|---|" + ("---|" if multi_backend else "") + "---|---|---|---|---|"]
+             + "train (mol/s) | inference (mol/s) | train peak memory | train live tensors | train % of GEMM | "
+             "equivariance error |",
+             "|---|---|---|---|" + ("---|" if multi_backend else "") + "---|---|---|---|---|---|"]
     for (model, level, precision, low, bs, backend), modes in rows.items():
         tr, inf = modes.get("train"), modes.get("infer")
 
@@ -398,6 +400,7 @@ def readme_table(result: dict, source: str = "") -> str:
         lines.append(f"| {level} | {precision} | {_lowmem(low)} | {bs} | " + (f"{backend} | " if multi_backend else "")
                      + f"{tp(tr)} | {tp(inf)} | "
                      + f"{fmt_bytes(tr['memory']['peak_bytes']) if tr and tr['status'] == 'ok' else '-'} | "
+                     + f"{fmt_bytes(tr['memory'].get('live_peak_bytes')) if tr and tr['status'] == 'ok' else '-'} | "
                      + f"{f'{100 * u:.0f} %' if u is not None else '-'} | "
                      + f"{_num(any_ok['equivariance']['max_rel_error'], 2) if any_ok else '-'} |")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ import torch
 
 from .machine import sync
 
-__all__ = ["run_cell", "PeakMemory", "time_steps", "latency_stats", "STATUSES", "is_oom"]
+__all__ = ["run_cell", "PeakMemory", "live_tensor_peak", "time_steps", "latency_stats", "STATUSES", "is_oom"]
 
 #: ok: measured; oom: out of memory; timeout: killed after the cell's time limit; error: raised;
 #: skipped: not run, with the reason (e.g. identical to another cell); unsupported: cannot run here.
@@ -89,6 +89,31 @@ class PeakMemory:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"peak_bytes": int(peak), "growth_bytes": int(max(peak - self._base, 0)), "base_bytes": int(self._base),
                 "method": self.method}
+
+
+def live_tensor_peak(step: Callable[[], None]) -> dict:
+    """Peak bytes of live CPU tensors while ``step()`` runs, over those live when it starts: what the step's
+    tensors need, whatever the allocator keeps (the resident set of :class:`PeakMemory` also holds freed heap
+    memory glibc has not returned, which can be larger than the tensors themselves; this is the CPU counterpart of
+    CUDA's ``max_memory_allocated``). Measured from the allocation and free events of a profiled run of ``step``
+    with the fused kernel on the calling thread (the profiler sees that thread's allocations only; with worker
+    threads each would add its own chunk buffers, ~1-4 MiB)."""
+    from torch.profiler import ProfilerActivity, profile
+    from se3t.nn import fused
+    parallel, fused.PARALLEL_RANGES = fused.PARALLEL_RANGES, False
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        fused.PARALLEL_RANGES = parallel
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return {"live_peak_bytes": int(peak), "live_method": "torch.profiler memory events, one step on the calling "
+            "thread (tensors allocated in the step, including its gradients)"}
 
 
 # ---------------------------------------------------------------------------------------------- timing

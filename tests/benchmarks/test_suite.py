@@ -89,6 +89,8 @@ def test_qm9_quick_writes_complete_outputs(qm9_run):
             assert mem["optimizer_state_bytes"] >= 2 * mem["gradient_bytes"]
             assert mem["activation_growth_bytes"] == max(
                 mem["growth_bytes"] - mem["gradient_bytes"] - mem["optimizer_state_bytes"], 0)
+            # live tensors of a step: at least the gradients it makes (set to None before each step)
+            assert mem["live_peak_bytes"] >= mem["gradient_bytes"] and "profiler" in mem["live_method"]
     md = (qm9_run / "smoke.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| train") or line.startswith("| infer")]
     assert len(table) == sum(c["status"] != "unsupported" for c in cells)
@@ -171,6 +173,27 @@ def test_isolated_cell_measures_memory_time_limit_and_oom():
     assert oom["status"] == "oom", oom
     err = run_cell("benchmarks.runner:memory_probe", {"nbytes": -4}, isolate=False)
     assert err["status"] == "error" and err["reason"]
+
+
+def test_live_tensor_peak_counts_the_tensors_alive_at_once():
+    """Three 4 MB tensors alive together, each freed before the next phase's: the peak is their sum (plus the
+    small reduction outputs), not every allocation of the step, and a fused kernel on worker threads is run on
+    the calling thread while measured (its flag restored after)."""
+    from benchmarks.runner import live_tensor_peak
+    from se3t.nn import fused
+    mb4 = 1000 * 1000 * 4
+
+    def step():
+        a = torch.ones(1000, 1000)
+        b, c = a * 2, a * 3
+        del a, b, c
+        d = torch.ones(1000, 1000)
+        del d
+
+    assert fused.PARALLEL_RANGES
+    peak = live_tensor_peak(step)["live_peak_bytes"]
+    assert fused.PARALLEL_RANGES
+    assert 3 * mb4 <= peak < 3 * mb4 + 4096, peak
 
 
 def test_peer_cells_recorded_when_not_installed(monkeypatch):
