@@ -118,11 +118,17 @@ def _use_outer(block: BlockSpec, hidden: int) -> bool:
     return ONE_ROW_OUTER and block.K == 1 and block.c_out >= ONE_ROW_OUTER_MIN_RATIO * hidden
 
 
-def _outer_step(chunk: Optional[int], block: BlockSpec, hidden: int, n: int, group: int) -> int:
-    """Edges per GEMM of a block in the outer order (:data:`ONE_ROW_OUTER`): the group (``h ⊗ tmp`` of at most
-    4 Mi values), or the chunk size when one is asked for."""
-    step = max(1, min(group, (1 << 22) // max(hidden * block.k_in, 1)))
-    return step if chunk is None else min(step, n)
+def _outer_step(chunk: Optional[int], block: BlockSpec, hidden: int, E: int, device: torch.device) -> int:
+    """Edges per GEMM of a block in the outer order (:data:`ONE_ROW_OUTER`), each step one group: on CPU at most
+    :data:`GROUP_EDGES` and ``h ⊗ tmp`` of at most 4 Mi values (16 MiB in fp32), on accelerators at most
+    :data:`CHUNK_VALUES_ACCELERATOR` values; never more than ``chunk`` when one is asked for."""
+    if device.type == "cpu":
+        step = min(GROUP_EDGES, (1 << 22) // max(hidden * block.k_in, 1))
+    else:
+        step = CHUNK_VALUES_ACCELERATOR // max(hidden * block.k_in, 1)
+    if chunk is not None:
+        step = min(step, chunk)
+    return max(1, min(step, E))
 
 
 def _edge_rows(x: Tensor, x_index: Optional[Tensor], s: int, n: int) -> Tensor:
@@ -293,7 +299,7 @@ class _FusedConv(torch.autograd.Function):
             dims = [xs[p.x].shape[2] for p in b.parts]
             outer = _use_outer(b, H)
             if outer:  # W' [(k, i), o] = W_j[(o, i), k]; each step of edges is one chunk and one group
-                n_max = group = _outer_step(chunk, b, H, n_max, group)
+                n_max = group = _outer_step(chunk, b, H, E, h.device)
                 W_outer = Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out)
 
             def forward_buffers(b=b, j=j, n_max=n_max, group=group, outer=outer):
@@ -386,7 +392,7 @@ class _FusedConv(torch.autograd.Function):
             part_cols = [sum(b.K * q.F * L for q, L in zip(b.parts[:i], dims)) for i in range(len(b.parts))]
             outer = _use_outer(b, H)
             if outer:  # as in forward
-                n_max = group = _outer_step(chunk, b, H, n_max, group)
+                n_max = group = _outer_step(chunk, b, H, E, h.device)
                 W_outer = Wj.t().reshape(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out)
 
             def backward_buffers(b=b, j=j, parts_in=parts_in, n_max=n_max, group=group, outer=outer):
