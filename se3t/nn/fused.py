@@ -22,6 +22,10 @@ has its input columns ordered ``(d_in, f, c)``, and ``W_j`` must be given with i
 the orientation in which batched GEMMs with a tiny ``K`` run several times faster on CPU (measured 4-7x for
 ``K = 1..7``) than ``C_out x K_in @ K_in x K``.
 
+Blocks with one output row and many output channels (the edge frame's order 0) skip ``R`` altogether: per
+group, ``out = (h ⊗ tmp) @ W'`` with the block's weights reordered to ``W' [H*K_in, C_out]``; backward makes
+``grad W' = (h ⊗ tmp)^T @ g`` and ``grad (h ⊗ tmp) = g @ W'^T`` (see :data:`ONE_ROW_OUTER`).
+
 The reference path (:class:`se3t.nn.conv.ConvSE3` at ``FuseLevel.PARTIAL``/``NONE``) computes the same function
 with plain autograd; tests compare the two in forward and backward, and gradcheck this kernel.
 """
