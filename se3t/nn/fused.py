@@ -431,14 +431,20 @@ class _FusedConv(torch.autograd.Function):
                         grad_sh[S:S + m, :M.shape[0]].addmm_(
                             gb.to(grad_sh.dtype), M[:, part_cols[i]:part_cols[i] + gb.shape[1]].t().to(grad_sh.dtype))
 
-            def backward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, g_all=g_all, parts_in=parts_in, Wj=Wj,
-                               n_max=n_max, group=group, scatter_parts=scatter_parts) -> Optional[Tensor]:
+            def groups(lo: int, hi: int, step: int, tmp: Optional[Tensor], pbuf: Tensor, bbuf, cbuf, b=b, j=j,
+                       dims=dims, parts_in=parts_in):
+                """``(S, m, bases, tmp)`` for each group of edges ``S .. S+m`` in ``[lo, hi)``: the bases when the
+                gradients need them, ``tmp`` (rebuilt) when a buffer for it is given."""
+                for S in range(lo, hi, step):
+                    m = min(step, hi - S)
+                    bts = bases.group(j, b, dims, S, m, bbuf, cbuf) if (tmp is not None or parts_in) else None
+                    yield S, m, bts, (_build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf) if tmp is not None else None)
+
+            def backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, Wj=Wj, n_max=n_max, group=group,
+                               groups=groups, scatter_parts=scatter_parts) -> Optional[Tensor]:
                 rbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
                 gW = torch.zeros(Wj.shape, dtype=acc_dtype, device=W.device) if need_W else None
-                for S in range(lo, hi, group):
-                    m = min(group, hi - S)
-                    bts = bases.group(j, b, dims, S, m, bbuf, cbuf) if (tmp is not None or parts_in) else None
-                    t = _build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf) if tmp is not None else None
+                for S, m, bts, t in groups(lo, hi, group, tmp, pbuf, bbuf, cbuf):
                     for s in range(0, m, n_max):
                         n = min(n_max, m - s)
                         e0, e1 = S + s, S + s + n
@@ -460,15 +466,12 @@ class _FusedConv(torch.autograd.Function):
                     scatter_parts(S, m, bts, gtmp, pbuf)
                 return gW
 
-            def outer_backward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, g_all=g_all, parts_in=parts_in,
-                                     W_outer=W_outer if outer else None, step=n_max,
+            def outer_backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in,
+                                     W_outer=W_outer if outer else None, step=n_max, groups=groups,
                                      scatter_parts=scatter_parts) -> Optional[Tensor]:
                 zbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
                 gW = torch.zeros(W_outer.shape, dtype=acc_dtype, device=W.device) if need_W else None
-                for S in range(lo, hi, step):
-                    m = min(step, hi - S)
-                    bts = bases.group(j, b, dims, S, m, bbuf, cbuf) if (tmp is not None or parts_in) else None
-                    t = _build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf) if tmp is not None else None
+                for S, m, bts, t in groups(lo, hi, step, tmp, pbuf, bbuf, cbuf):
                     g = g_all[S:S + m, 0]                                        # [m, C_out]
                     z = zbuf[:m].view(m, H, b.k_in)
                     if need_W:                                                   # grad W' = (h ⊗ tmp)^T @ g
