@@ -106,7 +106,8 @@ def _cells_table(result: dict) -> List[str]:
     compiled = _any_compiled(result)  # the compile column only in runs with compiled cells
     cols = (["mode", "level", "precision", "low-mem"] + (["compile"] if compiled else [])
             + ["batch", "scatter", "status", "throughput", "median ms", "p90 ms", "p99 ms", "peak mem", "mem growth",
-               "act. growth", "live peak", "GFLOP/s", "% GEMM", "% GEMM (ref-fused)", "equiv. err", "dev vs fp32", "load"])
+               "act. growth", "live peak", "GFLOP/s", "% GEMM", "% GEMM (ref-fused)", "equiv. err", "dev vs fp32",
+               "load"])
     extra = result["suite"] in ("scaling", "peers")
     if extra:
         cols = ["model", "sweep", "points", "edges", "L"] + cols if result["suite"] == "scaling" else ["model"] + cols
@@ -179,8 +180,8 @@ def markdown(result: dict) -> str:
               "peak resident set of the cell's own process (growth: over the state before the first step, "
               "including the optimizer's state; act.: the growth less gradients and optimizer state, i.e. activations, "
               "workspaces and what the allocator keeps; live peak, CPU: the most bytes of tensors alive at once in "
-              "one profiled step, over those alive before it, whatever the allocator keeps). GFLOP/s: useful matmul FLOPs of the model counted per degree "
-              "pair (`benchmarks/flops.py`), over the measured time; % GEMM: of the dense GEMM rate measured in "
+              "one profiled step, over those alive before it, whatever the allocator keeps). GFLOP/s: useful "
+              "matmul FLOPs of the model counted per degree pair (`benchmarks/flops.py`), over the measured time; % GEMM: of the dense GEMM rate measured in "
               "the same process and precision; ref-fused: the same time credited with the reference's fused-basis "
               "FLOP count (issue 7's 3.5 GFLOP per molecule and step). Equivariance error: worst relative error of "
               "the model's output under 3 random rotations and translations, at the cell's precision and level; "

@@ -40,9 +40,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequenc
 import torch
 from torch import Tensor
 
-__all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "DEFAULT_CHUNK", "CHUNK_VALUES", "CHUNK_VALUES_ACCELERATOR",
-           "GROUP_EDGES", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD", "ONE_ROW_OUTER",
-           "ONE_ROW_OUTER_MIN_RATIO"]
+__all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "DEFAULT_CHUNK", "CHUNK_VALUES",
+           "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD",
+           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO"]
 
 #: Most edges per chunk on CPU.
 DEFAULT_CHUNK = 64
