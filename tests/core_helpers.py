@@ -26,3 +26,15 @@ def random_graph(num_nodes: int = 12, p: float = 0.35, dtype=torch.float64, num_
         graph_index += [g] * n
         start += n
     return pos, torch.cat(edges, dim=1), torch.tensor(graph_index)
+
+
+#: The fused kernel's two orders for one-row blocks (``se3t.nn.fused.ONE_ROW_OUTER``): "outer" for every such
+#: block (the default threshold applies it only to wide blocks, which small test layers do not have), or "R" for
+#: none.
+KERNEL_ORDERS = ["outer", "R"]
+
+
+def set_kernel_order(monkeypatch, order: str) -> None:
+    from se3t.nn import fused
+    monkeypatch.setattr(fused, "ONE_ROW_OUTER", order == "outer")
+    monkeypatch.setattr(fused, "ONE_ROW_OUTER_MIN_RATIO", 0)

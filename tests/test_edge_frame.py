@@ -11,7 +11,7 @@ from se3t.basis import safe_norm
 from se3t.edge_frame import _wigner, edge_frames, frame_rows, so2_coefficients
 from se3t.testing import assert_equivariant
 
-from core_helpers import random_features, random_graph
+from core_helpers import KERNEL_ORDERS, random_features, random_graph, set_kernel_order
 
 PAIRS = [(d_in, d_out) for d_in in range(5) for d_out in range(5)]
 
@@ -105,7 +105,9 @@ def _run(layer, ei, x, pos, e, max_degree):
 @pytest.mark.parametrize("radial", ["conv", "output_degree", "input_degree", "pair"])
 @pytest.mark.parametrize("edge_fiber", [Fiber({0: 2}), Fiber({0: 2, 2: 1})], ids=["scalar-edges", "degree2-edges"])
 @pytest.mark.parametrize("pool", [True, False])
-def test_edge_frame_equals_full_and_none_forward_and_backward(radial, edge_fiber, pool):
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
+def test_edge_frame_equals_full_and_none_forward_and_backward(radial, edge_fiber, pool, order, monkeypatch):
+    set_kernel_order(monkeypatch, order)
     fiber_out = Fiber({0: 2, 1: 3, 2: 1, 3: 2, 4: 1})  # degree 4 out of degree <= 3 inputs: orders no input reaches
     layer = ConvSE3(FIBER_IN, fiber_out, edge_fiber, pool=pool, self_interaction=True, radial=radial).double()
     pos, ei, x, e = _conv_inputs(edge_fiber)
@@ -171,8 +173,10 @@ def test_forces_and_zero_length_edges_take_the_basis_path():
         assert torch.allclose(outs[FuseLevel.FULL][d], outs[FuseLevel.EDGE_FRAME][d], atol=1e-12, rtol=0)
 
 
-def test_edge_frame_padding_edges_send_nothing():
-    """Zero harmonics (se3t_data's padding edges) give zero messages and zero gradients, as the basis path does."""
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
+def test_edge_frame_padding_edges_send_nothing(order, monkeypatch):
+    """Zero harmonics (se3t_data's padding edges) give zero messages, as the basis path does."""
+    set_kernel_order(monkeypatch, order)
     layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1, 2: 2}), Fiber({0: 2}), pool=False,
                     fuse_level=FuseLevel.EDGE_FRAME).double()
     pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
@@ -185,8 +189,10 @@ def test_edge_frame_padding_edges_send_nothing():
         assert o[:3].abs().max() == 0 and o[3:].abs().max() > 0
 
 
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("low_memory", [False, True])
-def test_edge_frame_model_equivariant(dtype, tol, low_memory):
+def test_edge_frame_model_equivariant(dtype, tol, low_memory, order, monkeypatch):
+    set_kernel_order(monkeypatch, order)
     model = SE3Transformer(num_layers=2, fiber_in=Fiber({0: 3, 1: 1}), fiber_hidden=Fiber.create(4, 4),
                            fiber_out=Fiber({0: 2, 1: 1, 2: 1}), num_heads=2, channels_div=2,
                            fiber_edge=Fiber({0: 2}), fuse_level="EDGE_FRAME", low_memory=low_memory).to(dtype)

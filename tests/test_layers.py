@@ -7,7 +7,7 @@ from se3t import AttentionBlockSE3, Basis, ConvSE3, Fiber, FuseLevel, LinearSE3,
 from se3t.basis import safe_norm
 from se3t.testing import assert_equivariant
 
-from core_helpers import random_features, random_graph
+from core_helpers import KERNEL_ORDERS, random_features, random_graph, set_kernel_order
 
 FIBER_IN = Fiber({0: 3, 1: 2, 2: 2})
 FIBER_EDGE = Fiber({0: 2, 1: 1})
@@ -203,18 +203,7 @@ def test_conv_gradcheck_positions():
     assert torch.autograd.gradcheck(lambda p: fn(x, p, {})[1], (pos.requires_grad_(True),))
 
 
-#: The kernel's two orders for one-row blocks (``fused.ONE_ROW_OUTER``): "outer" for every such block (the
-#: default applies it only to wide blocks, which these small layers do not have), or "R" for none.
-ORDERS = ["outer", "R"]
-
-
-def _set_order(monkeypatch, order: str) -> None:
-    from se3t.nn import fused
-    monkeypatch.setattr(fused, "ONE_ROW_OUTER", order == "outer")
-    monkeypatch.setattr(fused, "ONE_ROW_OUTER_MIN_RATIO", 0)
-
-
-@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 @pytest.mark.parametrize("edge_degrees", [(0, 1), (0,)], ids=["edge-features-of-degree-1", "scalar-edge-features"])
 @pytest.mark.parametrize("chunk, group", [(1, 4), (7, 7), (3, 256), (1000, 256)])
@@ -225,7 +214,7 @@ def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, le
     of x) it takes edge-level inputs. EDGE_FRAME (the same kernel on the edge frames) is checked without
     position gradients, which it leaves to FULL. One-row blocks in both of the kernel's orders."""
     from se3t.nn import fused
-    _set_order(monkeypatch, order)
+    set_kernel_order(monkeypatch, order)
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     fiber_edge = FIBER_EDGE.restrict(edge_degrees)
@@ -251,14 +240,14 @@ def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, le
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("parallel, chunk, group", [(False, 2, 4), (True, 2, 2), (True, 1, 3)])
 def test_fused_kernel_gradcheck(parallel, chunk, group, order, monkeypatch):
     """The fused kernel alone, every input (radial hidden, weights, features, bases), several chunks, groups of
     chunks and parts, on the calling thread and split over worker threads, one-row blocks in both orders."""
     from se3t.nn import fused
     from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
-    _set_order(monkeypatch, order)
+    set_kernel_order(monkeypatch, order)
     monkeypatch.setattr(fused, "PARALLEL_RANGES", parallel)
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
@@ -289,14 +278,14 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, order, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(ref, out))
 
 
-@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("parallel", [False, True], ids=["calling-thread", "worker-threads"])
 def test_fused_kernel_from_harmonics_gradcheck(parallel, order, monkeypatch):
     """Bases made per edge group from harmonics (``sh @ M_j``): gradcheck of every input including ``sh``, and
     the same outputs as the kernel given those bases materialised; one-row blocks in both orders."""
     from se3t.nn import fused
     from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
-    _set_order(monkeypatch, order)
+    set_kernel_order(monkeypatch, order)
     monkeypatch.setattr(fused, "PARALLEL_RANGES", parallel)
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
@@ -356,14 +345,14 @@ def test_conv_full_from_harmonics_equals_from_blocks():
         layer(xs, e, radial_in, ei, get_basis(rel, 1))
 
 
-@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, order, monkeypatch):
     """Worker threads take edge units dynamically (whichever is free): outputs and every gradient must still be
     bitwise the same from run to run (per-unit partial grad_W summed in unit order), in float32 where summation
     order would show."""
     from se3t.nn import fused
-    _set_order(monkeypatch, order)
+    set_kernel_order(monkeypatch, order)
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "UNITS_PER_THREAD", 3)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
@@ -383,12 +372,12 @@ def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, order, mo
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
 
 
-@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 def test_fused_kernel_in_inference_mode_on_worker_threads(level, order, monkeypatch):
     """Under torch.inference_mode the worker threads write into inference tensors: same result as no_grad."""
     from se3t.nn import fused
-    _set_order(monkeypatch, order)
+    set_kernel_order(monkeypatch, order)
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -442,10 +431,10 @@ def test_fused_kernel_works_in_a_forked_child_after_the_parent_used_worker_threa
         assert torch.allclose(torch.tensor(out[d], dtype=torch.float64), ref[d], atol=1e-12)
 
 
-@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 def test_fused_kernel_under_bf16_autocast_close_to_fp32(level, order, monkeypatch):
-    _set_order(monkeypatch, order)
+    set_kernel_order(monkeypatch, order)
     layer = ConvSE3(FIBER_IN, Fiber({0: 4, 1: 4}), FIBER_EDGE, use_layer_norm=True, fuse_level=level)
     pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
     fn = _conv_fn(layer, ei, 2)
