@@ -1,7 +1,8 @@
 #!/bin/sh
 # One run on a lent GPU machine (issue 7), prepared and tried on CPU so that device minutes go to measuring:
 #   1. parity on the device in float64, outputs and gradients: FULL == NONE (positions included) and
-#      EDGE_FRAME == NONE (features and parameters), and the model's equivariance error in float32;
+#      EDGE_FRAME == NONE (features and parameters), with the kernel's one-row blocks in both orders, and the
+#      model's equivariance error in float32;
 #   2. the paper model at batch 240 on molecule-like synthetic batches (real QM9 needs ase + the 63 MB cache, which
 #      the device image lacks): EDGE_FRAME (the default) and FULL, fp32 / TF32 / fp16 / bf16 autocast, low_memory
 #      off/on for EDGE_FRAME, training and inference.
@@ -50,10 +51,15 @@ def run(level, p):
     return [*out.values(), *torch.autograd.grad(loss, wrt)]
 
 
-for level, p in ((FuseLevel.FULL, pos), (FuseLevel.EDGE_FRAME, pos.detach())):  # frames carry no position gradient
-    worst = max(float((a - b).detach().abs().max()) for a, b in zip(run(FuseLevel.NONE, p), run(level, p)))
-    print(f"{level.name} vs NONE, float64, outputs and gradients: max abs difference {worst:.2e}")
-    assert worst < 1e-9, worst
+from se3t.nn import fused
+for outer in (False, True):  # the kernel's one-row blocks in the R order, then all in the outer order
+    fused.ONE_ROW_OUTER, fused.ONE_ROW_OUTER_MIN_RATIO = outer, (0 if outer else 2)
+    for level, p in ((FuseLevel.FULL, pos), (FuseLevel.EDGE_FRAME, pos.detach())):  # frames: no position gradient
+        worst = max(float((a - b).detach().abs().max()) for a, b in zip(run(FuseLevel.NONE, p), run(level, p)))
+        print(f"{level.name} vs NONE ({'outer' if outer else 'R'} order), float64, outputs and gradients: "
+              f"max abs difference {worst:.2e}")
+        assert worst < 1e-9, worst
+fused.ONE_ROW_OUTER, fused.ONE_ROW_OUTER_MIN_RATIO = True, 2
 model = se3t.SE3Transformer(2, Fiber({0: 4}), Fiber.create(3, 8), Fiber({0: 2, 1: 2}), 2, 2).to(dev)
 xf = {0: torch.randn(N, 4, 1, generator=g).to(dev)}
 err = equivariance_error(lambda a, p, e: model(a, ei, p), xf, pos.detach().float())
