@@ -397,7 +397,7 @@ class _FusedConv(torch.autograd.Function):
             outer = _use_outer(b, H)
             if outer:  # as in forward
                 n_max = group = _outer_step(chunk, b, H, E, h.device)
-                W_outer = Wj.t().reshape(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out)
+                W_outer = Wj.view(b.c_out, b.k_in, H).permute(2, 1, 0).reshape(H * b.k_in, b.c_out)
 
             def backward_buffers(b=b, j=j, parts_in=parts_in, n_max=n_max, group=group, outer=outer):
                 width = bases.width(j)
