@@ -52,6 +52,7 @@ def run(level, p):
 
 
 from se3t.nn import fused
+defaults = fused.ONE_ROW_OUTER, fused.ONE_ROW_OUTER_MIN_RATIO
 for outer in (False, True):  # the kernel's one-row blocks in the R order, then all in the outer order
     fused.ONE_ROW_OUTER, fused.ONE_ROW_OUTER_MIN_RATIO = outer, (0 if outer else 2)
     for level, p in ((FuseLevel.FULL, pos), (FuseLevel.EDGE_FRAME, pos.detach())):  # frames: no position gradient
@@ -59,7 +60,7 @@ for outer in (False, True):  # the kernel's one-row blocks in the R order, then 
         print(f"{level.name} vs NONE ({'outer' if outer else 'R'} order), float64, outputs and gradients: "
               f"max abs difference {worst:.2e}")
         assert worst < 1e-9, worst
-fused.ONE_ROW_OUTER, fused.ONE_ROW_OUTER_MIN_RATIO = True, 2
+fused.ONE_ROW_OUTER, fused.ONE_ROW_OUTER_MIN_RATIO = defaults
 model = se3t.SE3Transformer(2, Fiber({0: 4}), Fiber.create(3, 8), Fiber({0: 2, 1: 2}), 2, 2).to(dev)
 xf = {0: torch.randn(N, 4, 1, generator=g).to(dev)}
 err = equivariance_error(lambda a, p, e: model(a, ei, p), xf, pos.detach().float())
