@@ -175,7 +175,8 @@ def test_forces_and_zero_length_edges_take_the_basis_path():
 
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
 def test_edge_frame_padding_edges_send_nothing(order, monkeypatch):
-    """Zero harmonics (se3t_data's padding edges) give zero messages, as the basis path does."""
+    """Zero harmonics (se3t_data's padding edges) give zero messages and no gradient to the padding edges'
+    radial inputs, as the basis path does."""
     set_kernel_order(monkeypatch, order)
     layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1, 2: 2}), Fiber({0: 2}), pool=False,
                     fuse_level=FuseLevel.EDGE_FRAME).double()
@@ -183,10 +184,12 @@ def test_edge_frame_padding_edges_send_nothing(order, monkeypatch):
     rel = pos[ei[1]] - pos[ei[0]]
     sh = get_basis(rel, 3).harmonics.clone()
     sh[:3] = 0.0
-    radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1)
+    radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1).requires_grad_()
     out = layer(x, e, radial_in, ei, Basis.from_harmonics(sh, 3))
     for o in out.values():
         assert o[:3].abs().max() == 0 and o[3:].abs().max() > 0
+    sum((o * torch.randn_like(o)).sum() for o in out.values()).backward()
+    assert radial_in.grad[:3].abs().max() == 0 and radial_in.grad[3:].abs().max() > 0
 
 
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
