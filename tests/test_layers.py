@@ -206,10 +206,12 @@ def test_conv_gradcheck_positions():
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 @pytest.mark.parametrize("edge_degrees", [(0, 1), (0,)], ids=["edge-features-of-degree-1", "scalar-edge-features"])
-@pytest.mark.parametrize("chunk, group", [(1, 4), (7, 7), (3, 256), (1000, 256)])
-def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, level, order, monkeypatch):
-    """FULL (fused radial + contraction, chunked custom autograd) against NONE (plain autograd), many chunks and
-    groups of chunks (several edge ranges on worker threads when torch has more than one thread). With scalar
+@pytest.mark.parametrize("chunk, group, values", [(1, 4, None), (7, 7, None), (3, 256, None), (1000, 256, None),
+                                                  (1000, 256, 48), (1000, 256, 1)])
+def test_fused_kernel_chunks_match_reference_path(chunk, group, values, edge_degrees, level, order, monkeypatch):
+    """FULL (fused radial + contraction, chunked custom autograd) against NONE (plain autograd), many groups of
+    edges (several edge ranges on worker threads when torch has more than one thread) and, with a small budget of
+    kernel-weight ``values``, tiles of output channels (down to one channel of one edge per tile). With scalar
     edge features only, the kernel gathers the source nodes' features itself; with degree-1 edge features (part
     of x) it takes edge-level inputs. EDGE_FRAME (the same kernel on the edge frames) is checked without
     position gradients, which it leaves to FULL. One-row blocks in both of the kernel's orders."""
@@ -217,6 +219,8 @@ def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, le
     set_kernel_order(monkeypatch, order)
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
+    if values is not None:
+        monkeypatch.setattr(fused, "CHUNK_VALUES", values)
     fiber_edge = FIBER_EDGE.restrict(edge_degrees)
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), fiber_edge, self_interaction=True,
                     use_layer_norm=True).double()
@@ -241,16 +245,20 @@ def test_fused_kernel_chunks_match_reference_path(chunk, group, edge_degrees, le
 
 
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
-@pytest.mark.parametrize("parallel, chunk, group", [(False, 2, 4), (True, 2, 2), (True, 1, 3)])
-def test_fused_kernel_gradcheck(parallel, chunk, group, order, monkeypatch):
-    """The fused kernel alone, every input (radial hidden, weights, features, bases), several chunks, groups of
-    chunks and parts, on the calling thread and split over worker threads, one-row blocks in both orders."""
+@pytest.mark.parametrize("parallel, chunk, group, values", [(False, 2, 4, None), (True, 2, 2, None), (True, 1, 3, None),
+                                                           (False, 2, 4, 22), (True, 3, 4, 11)])
+def test_fused_kernel_gradcheck(parallel, chunk, group, values, order, monkeypatch):
+    """The fused kernel alone, every input (radial hidden, weights, features, bases), several groups of edges,
+    tiles of output channels (a budget of 22 or 11 kernel-weight ``values``: block 0's two channels in two tiles)
+    and parts, on the calling thread and split over worker threads, one-row blocks in both orders."""
     from se3t.nn import fused
     from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
     set_kernel_order(monkeypatch, order)
     monkeypatch.setattr(fused, "PARALLEL_RANGES", parallel)
     monkeypatch.setattr(fused, "GROUP_EDGES", group)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
+    if values is not None:
+        monkeypatch.setattr(fused, "CHUNK_VALUES", values)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # workers even on a one-core runner
     E = 9
     g = torch.Generator().manual_seed(0)
@@ -539,3 +547,21 @@ def test_one_row_outer_order_is_chosen_for_wide_blocks_and_equals_r_order(level,
             assert all(not (K == 1 and c_out >= 2 * H) for K, c_out, H, u in chosen if not u)
     for a, b in zip(*res):
         assert torch.allclose(a, b, atol=1e-11, rtol=0)
+
+
+def test_kernel_tiling_keeps_a_tile_of_r_within_the_budget():
+    """The R order's tiling on CPU: groups of GROUP_EDGES edges, output channels cut into even tiles so a tile of
+    R (``group * tile * K_in`` values) fits the budget; a block wider than the budget for one edge and channel
+    still gets one; accelerators take whole rows of R for as many edges as their budget holds."""
+    from se3t.nn import fused
+    from se3t.nn.fused import BlockSpec, _tiling
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # only the device type is read: no GPU needed
+    wide = BlockSpec(0, 96, 2, 192, ())  # the paper model's edge-frame order 1: 96 channels from 192 inputs
+    group, tile = _tiling(None, wide, 3744, cpu)
+    assert group == fused.GROUP_EDGES and group * tile * 192 <= fused.CHUNK_VALUES and 1 < -(-96 // tile) < 96
+    assert -(-96 // tile) * tile - 96 < -(-96 // tile)  # even tiles: the last is short by less than one per tile
+    assert _tiling(7, wide, 3744, cpu)[0] == 7 and _tiling(None, wide, 50, cpu)[0] == 50
+    huge = BlockSpec(0, 3, 1, fused.CHUNK_VALUES * 2, ())
+    assert _tiling(None, huge, 100, cpu) == (1, 1)
+    group, tile = _tiling(None, wide, 10 ** 6, gpu)
+    assert tile == 96 and group == fused.CHUNK_VALUES_ACCELERATOR // (96 * 192)

@@ -118,7 +118,7 @@ class ConvSE3(nn.Module):
         #: channels entering each input degree: node channels plus edge channels of that degree (d > 0)
         self.in_channels = {d: c + (fiber_edge[d] if d > 0 else 0) for d, c in fiber_in}
         self.edge_dim = fiber_edge[0] + 1
-        #: most edges per chunk of the fused kernel (FuseLevel.FULL); None: the device's default
+        #: most edges per group of the fused kernel (FULL, EDGE_FRAME); None: the device's default
         self.chunk_size: Optional[int] = None
 
         groups = self._group_pairs(radial)

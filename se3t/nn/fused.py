@@ -1,16 +1,17 @@
-"""The whole TFN contraction of a conv, fused with the radial MLP's last layer, edge chunk by edge chunk.
+"""The whole TFN contraction of a conv, fused with the radial MLP's last layer, tile by tile of edges and channels.
 
 For one radial MLP with hidden features ``h [E, H]`` and last-layer weight ``W [P, H]`` the kernel weights of
 an edge are ``R[e] = W @ h[e]`` (``P`` = 45,056 per edge and hidden layer of the QM9 model), and an output
 degree's messages are ``out[e] = (x[e] @ B[e]) @ R[e]^T`` summed over the input degrees. Materialising ``R``
 (or the products ``tmp = x @ B``) for all edges costs more time than the arithmetic on CPU (first-touch page
 faults of huge fresh tensors, several passes over memory) and they are the largest activations autograd would
-keep. Here, for each output-degree block ``j`` (rows ``W_j``) and each chunk of edges ``c``, ``tmp_jc`` and
-``R_jc`` exist only in reused buffers small enough to stay in cache:
+keep. Here, for each output-degree block ``j`` (rows ``W_j``), each group of edges ``c`` and each tile ``t`` of
+the block's output channels (rows ``W_jt``), ``tmp_jc`` and ``R_jct`` exist only in reused buffers small enough
+to stay in cache:
 
-    forward:  tmp_jc = [Bt_c(d_in, d_out) @ x_c(d_in)^T for d_in];  R_jc = h_c @ W_j^T;  out_j[c] = tmp_jc @ R_jc^T
-    backward: tmp_jc and R_jc again;  gtmp = g_jc @ R_jc;  grad_x_c(d_in) += Bt_c^T @ gtmp(d_in);
-              gR_jc = g_jc^T @ tmp_jc;  grad_W_j += gR_jc^T @ h_c;  grad_h_c += gR_jc @ W_j
+    forward:  tmp_jc = [Bt_c(d_in, d_out) @ x_c(d_in)^T for d_in];  R_jct = h_c @ W_jt^T;  out_jt[c] = tmp_jc @ R_jct^T
+    backward: tmp_jc and R_jct again;  gtmp = sum_t g_jct @ R_jct;  grad_x_c(d_in) += Bt_c^T @ gtmp(d_in);
+              gR_jct = g_jct^T @ tmp_jc;  grad_W_jt += gR_jct^T @ h_c;  grad_h_c += gR_jct @ W_jt
 
 Nothing per edge beyond the inputs is saved for backward. The bases can be given materialised (``Bt`` per
 pair) or as the edges' spherical harmonics ``Y`` with one constant projection ``M_j`` per block: then each group
@@ -40,16 +41,14 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequenc
 import torch
 from torch import Tensor
 
-__all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "DEFAULT_CHUNK", "CHUNK_VALUES",
+__all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
            "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD",
            "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO"]
 
-#: Most edges per chunk on CPU.
-DEFAULT_CHUNK = 64
-#: CPU budget of kernel-weight values per chunk buffer (256 Ki values = 1 MiB in fp32): keeps R_jc in L2 cache.
+#: CPU budget of kernel-weight values per tile buffer (256 Ki values = 1 MiB in fp32): keeps a tile of R in cache.
 CHUNK_VALUES = 1 << 18
-#: Edges sharing one build of ``tmp`` on CPU (a multiple of the chunk size). 128: as fast as 256 (measured on
-#: 2-core EPYC, same process, paper model; 64 was 14 % slower) with half the per-thread group buffers.
+#: Edges sharing one build of ``tmp`` on CPU. 128: as fast as 256 (measured on 2-core EPYC, same process, paper
+#: model; 64 was 14 % slower) with half the per-thread group buffers.
 GROUP_EDGES = 128
 #: Blocks with one output row (``K = 1``: degree-0 outputs, the edge frame's order 0) run in the "outer" order:
 #: ``out = (h ⊗ tmp) @ W'`` with ``W' [H*K_in, C_out]`` (the block's weights reordered), one GEMM with inner
@@ -100,19 +99,25 @@ class BlockSpec(NamedTuple):
     parts: Tuple[PartSpec, ...]
 
 
-def _chunk_sizes(chunk: Optional[int], block: BlockSpec, E: int, device: torch.device) -> Tuple[int, int]:
-    """``(edges per chunk, edges per group)`` for a block: a chunk holds at most ``chunk`` edges (CPU default
-    :data:`DEFAULT_CHUNK`) and the device's budget of R values; a group is a multiple of the chunk size with
-    about :data:`GROUP_EDGES` edges (CPU) or one chunk (accelerators)."""
-    width = block.c_out * block.k_in
+def _tiling(chunk: Optional[int], block: BlockSpec, E: int, device: torch.device) -> Tuple[int, int]:
+    """``(edges per group, output channels per tile)`` of a block in the ``R`` order: a tile of ``R`` is
+    ``[group, tile * K_in]``, at most the device's budget of values where it can be. On CPU a group has at most
+    ``chunk`` (default :data:`GROUP_EDGES`) edges and the tiles cut the output channels so ``R`` stays in cache
+    while the weights of a tile serve the whole group: cutting the edges into chunks instead re-read all of the
+    block's weights (``H * C_out * K_in`` values, more than ``R``'s chunk) for every 14-edge chunk of the paper
+    model's widest blocks (measured on 2-core EPYC: 1.1-1.25x on such a block). Accelerators want few, large
+    launches: whole rows of ``R`` for as many edges as the budget holds."""
+    k_in = max(block.k_in, 1)
     if device.type == "cpu":
-        n = max(1, min(DEFAULT_CHUNK if chunk is None else chunk, CHUNK_VALUES // max(width, 1)))
-        group = n * max(1, GROUP_EDGES // n)
-    else:  # accelerators want few, large launches; the budget only bounds the buffer
-        n = max(1, min(chunk or (1 << 62), CHUNK_VALUES_ACCELERATOR // max(width, 1)))
-        group = n
-    n = min(n, max(E, 1))
-    return n, min(group, max(E, 1))
+        budget = CHUNK_VALUES
+        group = max(1, min(GROUP_EDGES if chunk is None else chunk, budget // k_in))
+    else:
+        budget = CHUNK_VALUES_ACCELERATOR
+        group = max(1, min(chunk or (1 << 62), budget // max(block.c_out * k_in, 1)))
+    group = min(group, max(E, 1))
+    tile = max(1, min(block.c_out, budget // (group * k_in)))
+    tiles = -(-block.c_out // tile)
+    return group, -(-block.c_out // tiles)  # the same channels in fewer, even tiles
 
 
 def _use_outer(block: BlockSpec, hidden: int) -> bool:
@@ -196,9 +201,9 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 # --- edge ranges on CPU worker threads -------------------------------------------------------------------------
-# A chunk's GEMMs are too small to split well over OpenMP threads (measured: 2 threads barely beat 1 on a
+# A tile's GEMMs are too small to split well over OpenMP threads (measured: 2 threads barely beat 1 on a
 # 25-edge chunk), but independent edge ranges are embarrassingly parallel. With T > 1 intra-op threads the edges
-# are cut into UNITS_PER_THREAD * T contiguous units of whole chunks, which T Python threads (ATen releases the
+# are cut into UNITS_PER_THREAD * T contiguous units of whole groups, which T Python threads (ATen releases the
 # GIL), with one intra-op thread each, take one at a time in order. Taking units dynamically balances the load
 # (with a static split into T ranges one thread sat idle for up to ~25 % of a block: uneven ranges, noisy
 # cores). Outputs and per-edge gradients of different units are disjoint, and every unit returns its own partial
@@ -229,22 +234,22 @@ def _worker_pool(size: int) -> ThreadPoolExecutor:
 
 
 def _run_ranges(fn: Callable[[int, int, object], object], buffers: Callable[[], object],
-                fold: Callable[[object], None], E: int, n_max: int, device: torch.device, values: int) -> None:
+                fold: Callable[[object], None], E: int, group: int, device: torch.device, values: int) -> None:
     """``fold(fn(lo, hi, bufs))`` for each edge range, folded in range order, with ``bufs = buffers()`` made once
-    per thread: one range on the calling thread, or units of whole ``n_max``-edge chunks taken by one worker per
-    intra-op thread (CPU, enough chunks and at least :data:`PARALLEL_MIN_VALUES` kernel weights in all, so small
+    per thread: one range on the calling thread, or units of whole ``group``-edge groups taken by one worker per
+    intra-op thread (CPU, enough groups and at least :data:`PARALLEL_MIN_VALUES` kernel weights in all, so small
     layers do not pay for the hand-off). A unit's result is folded as soon as every earlier one has been, so only
     the results of units finished out of order wait (memory: a few partial grad_W, not one per unit)."""
     threads = torch.get_num_threads() if (PARALLEL_RANGES and device.type == "cpu") else 1
     if values < PARALLEL_MIN_VALUES:
         threads = 1
-    chunks = -(-E // n_max)
+    chunks = -(-E // group)
     parts = min(threads, chunks // 2)
     if parts <= 1:
         fold(fn(0, E, buffers()))
         return
     num_units = min(chunks, UNITS_PER_THREAD * parts)
-    bounds = [min(E, (chunks * i // num_units) * n_max) for i in range(num_units + 1)]
+    bounds = [min(E, (chunks * i // num_units) * group) for i in range(num_units + 1)]
     next_unit = itertools.count()  # next() on a count is atomic under the GIL
     waiting: Dict[int, object] = {}  # finished units whose turn to be folded has not come yet
     next_fold = [0]
@@ -273,10 +278,10 @@ def _run_ranges(fn: Callable[[int, int, object], object], buffers: Callable[[], 
 
 
 class _FusedConv(torch.autograd.Function):
-    # Two levels of chunks per edge range: a "group" of edges shares one build of tmp (and, in backward, of the
-    # gradient of tmp and its per-part scatter to grad_x), amortising those small ops; within it, chunks small
-    # enough for R to stay in L2 run the wide GEMMs (measured on 2-core EPYC: 50-70 GFLOP/s with R <= 2 MiB,
-    # 27-30 with 8 MiB).
+    # Per edge range, a "group" of edges shares one build of tmp (and, in backward, of the gradient of tmp and its
+    # per-part scatter to grad_x), amortising those small ops; within it, tiles of output channels small enough
+    # for R to stay in cache run the wide GEMMs (measured on 2-core EPYC: 50-70 GFLOP/s with R <= 2 MiB, 27-30
+    # with 8 MiB), each tile's weights serving the whole group (see _tiling).
     @staticmethod
     def forward(ctx, chunk: Optional[int], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor,
                 x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"], single_output: bool,
@@ -299,48 +304,54 @@ class _FusedConv(torch.autograd.Function):
                 out = buf[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out)
                 col += b.K * b.c_out
             Wj_t = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in]).t()
-            n_max, group = _chunk_sizes(chunk, b, E, h.device)
             dims = [xs[p.x].shape[2] for p in b.parts]
             outer = _use_outer(b, H)
-            if outer:  # W' [(k, i), o] = W_j[(o, i), k]; each step of edges is one chunk and one group
-                n_max = group = _outer_step(chunk, b, H, E, h.device)
+            if outer:  # W' [(k, i), o] = W_j[(o, i), k]; each step of edges is one group
+                group, tile = _outer_step(chunk, b, H, E, h.device), b.c_out
                 W_outer = Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out)
+            else:
+                group, tile = _tiling(chunk, b, E, h.device)
+            # output through a buffer when the GEMM's destination would be strided (a tile of channels, or a view of
+            # the one output): a GEMM into a strided view goes through a temporary anyway
+            staged = single_output or tile < b.c_out
 
-            def forward_buffers(b=b, j=j, n_max=n_max, group=group, outer=outer):
+            def forward_buffers(b=b, j=j, group=group, tile=tile, outer=outer, staged=staged):
                 width = bases.width(j)
-                return (h.new_empty(n_max, (H if outer else b.c_out) * b.k_in), h.new_empty(group, b.K, b.k_in),
-                        h.new_empty(group * b.K * b.k_in),
+                return (h.new_empty(group * (H * b.k_in if outer else tile * b.k_in)),
+                        h.new_empty(group, b.K, b.k_in), h.new_empty(group * b.K * b.k_in),
                         bases.sh.new_empty(group * width) if width else None,
                         h.new_empty(group * width) if (width and cast) else None,
-                        h.new_empty(n_max, b.K, b.c_out) if single_output else None)
+                        h.new_empty(group * b.K * tile) if staged else None)
 
-            def forward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, out=out, Wj_t=Wj_t, n_max=n_max,
-                              group=group) -> None:
+            def forward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, out=out, Wj_t=Wj_t, group=group,
+                              tile=tile) -> None:
                 rbuf, tmp, pbuf, bbuf, cbuf, obuf = bufs
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
                     t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
-                    for s in range(0, m, n_max):
-                        n = min(n_max, m - s)
-                        R = torch.mm(h[S + s:S + s + n], Wj_t, out=rbuf[:n]).view(n, b.c_out, b.k_in)
+                    for o in range(0, b.c_out, tile):  # R's tile: output channels o .. o+w of these edges
+                        w = min(tile, b.c_out - o)
+                        R = torch.mm(h[S:S + m], Wj_t[:, o * b.k_in:(o + w) * b.k_in],
+                                     out=rbuf[:m * w * b.k_in].view(m, w * b.k_in)).view(m, w, b.k_in)
                         if obuf is None:
-                            torch.bmm(t[s:s + n], R.transpose(1, 2), out=out[S + s:S + s + n])
-                        else:  # a strided view of the one output: a GEMM into it would go through a temporary
-                            out[S + s:S + s + n].copy_(torch.bmm(t[s:s + n], R.transpose(1, 2), out=obuf[:n]))
+                            torch.bmm(t, R.transpose(1, 2), out=out[S:S + m])
+                        else:
+                            out[S:S + m, :, o:o + w].copy_(
+                                torch.bmm(t, R.transpose(1, 2), out=obuf[:m * b.K * w].view(m, b.K, w)))
 
             def outer_forward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, out=out, W_outer=W_outer if outer
-                                    else None, step=n_max) -> None:
+                                    else None, step=group) -> None:
                 zbuf, tmp, pbuf, bbuf, cbuf, obuf = bufs
                 for S in range(lo, hi, step):
                     m = min(step, hi - S)
                     t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
-                    z = torch.mul(h[S:S + m, :, None], t, out=zbuf[:m].view(m, H, b.k_in))  # h ⊗ tmp
+                    z = torch.mul(h[S:S + m, :, None], t, out=zbuf[:m * H * b.k_in].view(m, H, b.k_in))  # h ⊗ tmp
                     if obuf is None:
                         torch.mm(z.view(m, -1), W_outer, out=out[S:S + m].view(m, b.c_out))
                     else:
-                        out[S:S + m, 0].copy_(torch.mm(z.view(m, -1), W_outer, out=obuf[:m].view(m, b.c_out)))
+                        out[S:S + m, 0].copy_(torch.mm(z.view(m, -1), W_outer, out=obuf[:m * b.c_out].view(m, b.c_out)))
 
-            _run_ranges(outer_forward_range if outer else forward_range, forward_buffers, lambda _: None, E, n_max,
+            _run_ranges(outer_forward_range if outer else forward_range, forward_buffers, lambda _: None, E, group,
                         h.device, E * b.c_out * b.k_in)
             outs.append(out)
         ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh, ctx.weight_map = chunk, blocks, num_x, with_sh, weight_map
@@ -390,18 +401,19 @@ class _FusedConv(torch.autograd.Function):
             parts_in = [p for p in b.parts
                         if grad_x[p.x] is not None or bt_grad(p) is not None or grad_sh is not None]
             Wj = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in])
-            n_max, group = _chunk_sizes(chunk, b, E, h.device)
             dims = [xs[p.x].shape[2] for p in b.parts]
             # column of each part in the block's projection (harmonics only)
             part_cols = [sum(b.K * q.F * L for q, L in zip(b.parts[:i], dims)) for i in range(len(b.parts))]
             outer = _use_outer(b, H)
             if outer:  # as in forward
-                n_max = group = _outer_step(chunk, b, H, E, h.device)
+                group, tile = _outer_step(chunk, b, H, E, h.device), b.c_out
                 W_outer = Wj.view(b.c_out, b.k_in, H).permute(2, 1, 0).reshape(H * b.k_in, b.c_out)
+            else:
+                group, tile = _tiling(chunk, b, E, h.device)
 
-            def backward_buffers(b=b, j=j, parts_in=parts_in, n_max=n_max, group=group, outer=outer):
+            def backward_buffers(b=b, j=j, parts_in=parts_in, group=group, tile=tile, outer=outer):
                 width = bases.width(j)
-                return (h.new_empty(n_max, (H if outer else b.c_out) * b.k_in),
+                return (h.new_empty(group * (H * b.k_in if outer else tile * b.k_in)),
                         h.new_empty(group, b.K, b.k_in) if (need_h or need_W) else None,
                         h.new_empty(group, b.K, b.k_in) if parts_in else None,
                         h.new_empty(group * b.K * b.k_in),
@@ -440,40 +452,45 @@ class _FusedConv(torch.autograd.Function):
                     bts = bases.group(j, b, dims, S, m, bbuf, cbuf) if (tmp is not None or parts_in) else None
                     yield S, m, bts, (_build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf) if tmp is not None else None)
 
-            def backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, Wj=Wj, n_max=n_max, group=group,
+            def backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, Wj=Wj, group=group, tile=tile,
                                groups=groups, scatter_parts=scatter_parts) -> Optional[Tensor]:
                 rbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
                 gW = torch.zeros(Wj.shape, dtype=acc_dtype, device=W.device) if need_W else None
                 for S, m, bts, t in groups(lo, hi, group, tmp, pbuf, bbuf, cbuf):
-                    for s in range(0, m, n_max):
-                        n = min(n_max, m - s)
-                        e0, e1 = S + s, S + s + n
-                        g = g_all[e0:e1]                                         # [n, K, C_out]
-                        if gtmp is not None:
-                            R = torch.mm(h[e0:e1], Wj.t(), out=rbuf[:n]).view(n, b.c_out, b.k_in)
-                            torch.bmm(g, R, out=gtmp[s:s + n])                    # [n, K, K_in]
+                    hs = h[S:S + m]
+                    for o in range(0, b.c_out, tile):  # R's tile: output channels o .. o+w of these edges
+                        w = min(tile, b.c_out - o)
+                        cols = slice(o * b.k_in, (o + w) * b.k_in)               # the tile's rows of W_j
+                        g = g_all[S:S + m, :, o:o + w]                           # [m, K, w]
+                        rb = rbuf[:m * w * b.k_in].view(m, w, b.k_in)
+                        if gtmp is not None:                                     # gtmp = sum over tiles g @ R
+                            R = torch.mm(hs, Wj[cols].t(), out=rb.view(m, -1)).view(m, w, b.k_in)
+                            if o == 0:
+                                torch.bmm(g, R, out=gtmp[:m])
+                            else:
+                                gtmp[:m].baddbmm_(g, R)
                         if t is None:
                             continue
                         if b.K == 1:  # an outer product: a broadcast multiply beats a GEMM with inner dimension 1
-                            gR = torch.mul(g.transpose(1, 2), t[s:s + n], out=rbuf[:n].view(n, b.c_out, b.k_in))
+                            gR = torch.mul(g.transpose(1, 2), t, out=rb)
                         else:
-                            gR = torch.bmm(g.transpose(1, 2), t[s:s + n], out=rbuf[:n].view(n, b.c_out, b.k_in))
-                        gR = gR.view(n, b.c_out * b.k_in)
+                            gR = torch.bmm(g.transpose(1, 2), t, out=rb)
+                        gR = gR.view(m, w * b.k_in)
                         if need_W:
-                            _accumulate_mm(gW, gR.t(), h[e0:e1])
+                            _accumulate_mm(gW[cols], gR.t(), hs)
                         if need_h:
-                            _accumulate_mm(grad_h[e0:e1], gR, Wj)
+                            _accumulate_mm(grad_h[S:S + m], gR, Wj[cols])
                     scatter_parts(S, m, bts, gtmp, pbuf)
                 return gW
 
             def outer_backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in,
-                                     W_outer=W_outer if outer else None, step=n_max, groups=groups,
+                                     W_outer=W_outer if outer else None, step=group, groups=groups,
                                      scatter_parts=scatter_parts) -> Optional[Tensor]:
                 zbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
                 gW = torch.zeros(W_outer.shape, dtype=acc_dtype, device=W.device) if need_W else None
                 for S, m, bts, t in groups(lo, hi, step, tmp, pbuf, bbuf, cbuf):
                     g = g_all[S:S + m, 0]                                        # [m, C_out]
-                    z = zbuf[:m].view(m, H, b.k_in)
+                    z = zbuf[:m * H * b.k_in].view(m, H, b.k_in)
                     if need_W:                                                   # grad W' = (h ⊗ tmp)^T @ g
                         _accumulate_mm(gW, torch.mul(h[S:S + m, :, None], t, out=z).view(m, -1).t(), g)
                     if need_h or parts_in:
@@ -489,7 +506,7 @@ class _FusedConv(torch.autograd.Function):
             # partial grad_W of each range, added in range order: the same sum whichever thread ran which range
             block_rows = rows[b.row:b.row + b.c_out * b.k_in]
             fold = (lambda partial, r=block_rows: grad_W.index_add_(0, r, partial)) if need_W else (lambda _: None)
-            _run_ranges(outer_backward_range if outer else backward_range, backward_buffers, fold, E, n_max,
+            _run_ranges(outer_backward_range if outer else backward_range, backward_buffers, fold, E, group,
                         h.device, E * b.c_out * b.k_in)
         W = Wj = None  # a mapped W is a temporary: freed before the adjoint makes the parameter's gradient
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
@@ -525,6 +542,8 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     (each ``[K_j, C_out_j]`` row-major) instead of one tensor per block.
     ``weight_map`` (optional): the kernel's weights are ``weight_map.apply(W)``, a linear map of ``W`` made in
     forward and again in backward (never stored); ``W``'s gradient is ``weight_map.adjoint`` of theirs.
+    ``chunk`` (optional): the most edges per group (one build of ``tmp``; default: the device's, see
+    :func:`_tiling`).
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
     preallocated buffers, which autocast does not handle).
     """
