@@ -481,6 +481,32 @@ def test_attention_edge_dot_gradients_and_memory():
                                                                     kv1.untyped_storage().data_ptr()}
 
 
+def test_attention_channel_split_gradients_and_views():
+    """The conv output's split into values and keys: views of the output (no copy), first and second order
+    gradchecks with both parts used or only one (the other's gradient is then zero), and one gradient tensor in
+    backward instead of a zero-filled one per part."""
+    from se3t.nn.attention import _SplitChannels
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 5, dtype=torch.float64, generator=g).transpose(1, 2).requires_grad_(True)  # [6, 5, 3]
+    a, b = _SplitChannels.apply(x, 2)
+    assert torch.equal(a, x[:, :2]) and torch.equal(b, x[:, 2:])
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    for use in ("both", "first", "second"):
+        def fn(x, use=use):
+            a, b = _SplitChannels.apply(x, 2)
+            return {"both": (a.sin() * 2).sum() + (b ** 3).sum(), "first": a.sin().sum(), "second": (b ** 3).sum()}[use]
+        assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
+    grad, = torch.autograd.grad(_SplitChannels.apply(x, 2)[1].sum(), x)
+    assert torch.equal(grad[:, :2], torch.zeros(6, 2, 3, dtype=torch.float64))
+    assert torch.equal(grad[:, 2:], torch.ones(6, 3, 3, dtype=torch.float64))
+    with torch.profiler.profile(profile_memory=True) as prof:
+        a, b = _SplitChannels.apply(x, 2)
+        torch.autograd.grad((a * 2).sum() + (b * 3).sum(), x)
+    allocations = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                   and e.nbytes() >= x.numel() * 8]
+    assert len(allocations) == 1  # one x-sized tensor: the concatenated gradient
+
+
 def test_attention_logits_are_summed_over_degrees_in_float32():
     """bf16 keys/queries (autocast): the logits are the float32 sum over every degree, rounded to bf16 once."""
     from se3t.nn.attention import _edge_logits

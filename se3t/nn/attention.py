@@ -33,6 +33,36 @@ def _edge_logits(dst: Tensor, keys, queries) -> Tensor:
     return logits.to(keys[0].dtype)
 
 
+def _times_rows(g: Tensor, q: Tensor, dst: Tensor) -> Tensor:
+    """``g * q[dst]``, scaled in place in the gathered copy when that keeps the dtype (one edge-level tensor at
+    a time instead of two, at the attention backward's memory peak), out of place under double backward."""
+    rows = q.index_select(0, dst)
+    if torch.is_grad_enabled() or torch.result_type(g, rows) != rows.dtype:
+        return g * rows
+    return rows.mul_(g)
+
+
+class _SplitChannels(torch.autograd.Function):
+    """``(x[:, :c], x[:, c:])`` as views of ``x [M, C, L]``. Backward makes ``x``'s gradient as one concatenation
+    of the two; autograd's slices would each zero-fill an ``x``-sized gradient and add them (the attention
+    backward's memory peak held one such tensor per degree, ~29 MiB at 400 molecules)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, c: int):
+        ctx.c, ctx.shape = c, x.shape
+        return x[:, :c], x[:, c:]
+
+    @staticmethod
+    def backward(ctx, grad_a: Optional[Tensor], grad_b: Optional[Tensor]):
+        M, C, L = ctx.shape
+        ref = grad_a if grad_a is not None else grad_b
+        if grad_a is None:
+            grad_a = ref.new_zeros(M, ctx.c, L)
+        if grad_b is None:
+            grad_b = ref.new_zeros(M, C - ctx.c, L)
+        return torch.cat([grad_a, grad_b], dim=1), None
+
+
 class _EdgeDot(torch.autograd.Function):
     """``sum_d (k_d * q_d[dst]).sum((-2, -1))``: ``k_d [E, H, D_d, 2d+1]``, ``q_d [N, H, D_d, 2d+1]`` -> ``[E, H]``.
 
@@ -51,8 +81,7 @@ class _EdgeDot(torch.autograd.Function):
         dst, *kq = ctx.saved_tensors
         n = len(kq) // 2
         g = grad[..., None, None]
-        grad_k = [g * q.index_select(0, dst) if need else None
-                  for q, need in zip(kq[n:], ctx.needs_input_grad[1:1 + n])]
+        grad_k = [_times_rows(g, q, dst) if need else None for q, need in zip(kq[n:], ctx.needs_input_grad[1:1 + n])]
         grad_q = [scatter_sum(g * k, dst, q.shape[0], check=False) if need else None
                   for k, q, need in zip(kq[:n], kq[n:], ctx.needs_input_grad[1 + n:])]
         return (None, *grad_k, *grad_q)
@@ -100,7 +129,9 @@ class AttentionBlockSE3(nn.Module):
         kv = self.to_key_value(node_feats, edge_feats, radial_in, edge_index, basis)
         query = self.to_query(node_feats)
         # Heads as views (no copies): the keys and values stay in the conv's output, kept once for backward.
-        keys = [_heads(kv[d][:, self.value_fiber[d]:], self.num_heads) for d in self.key_fiber.degrees]
+        split = {d: (_SplitChannels.apply(kv[d], c) if torch.is_grad_enabled() else (kv[d][:, :c], kv[d][:, c:]))
+                 for d, c in self.value_fiber}
+        keys = [_heads(split[d][1], self.num_heads) for d in self.key_fiber.degrees]
         queries = [_heads(query[d], self.num_heads) for d in self.key_fiber.degrees]
         if torch.is_grad_enabled():
             logits = _EdgeDot.apply(dst, *keys, *queries)                        # [E, H]
@@ -111,7 +142,7 @@ class AttentionBlockSE3(nn.Module):
 
         out: Features = {}
         for d, c in self.value_fiber:
-            v = _heads(kv[d][:, :c], self.num_heads)                              # [E, H, c/H, 2d+1]
+            v = _heads(split[d][0], self.num_heads)                               # [E, H, c/H, 2d+1]
             z = scatter_sum(alpha * v, dst, num_nodes, check=False).view(num_nodes, c, 2 * d + 1)
             # project([z | x]) (skip connection by concatenation) as W[:, :c] @ z + W[:, c:] @ x: no concatenated
             # copy is made or kept for backward.
