@@ -439,23 +439,33 @@ def test_fused_kernel_works_in_a_forked_child_after_the_parent_used_worker_threa
         assert torch.allclose(torch.tensor(out[d], dtype=torch.float64), ref[d], atol=1e-12)
 
 
+@pytest.mark.parametrize("values", [None, 8], ids=["default-tiles", "one-channel-tiles"])
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
-def test_fused_kernel_under_bf16_autocast_close_to_fp32(level, order, monkeypatch):
+def test_fused_kernel_under_bf16_autocast_close_to_fp32(level, order, values, monkeypatch):
+    """bf16 autocast: outputs and every parameter's gradient (accumulated in float32 per tile) within bf16
+    rounding of float32's, with the default tiles and with one output channel per tile."""
+    from se3t.nn import fused
     set_kernel_order(monkeypatch, order)
+    if values is not None:
+        monkeypatch.setattr(fused, "CHUNK_VALUES", values)
     layer = ConvSE3(FIBER_IN, Fiber({0: 4, 1: 4}), FIBER_EDGE, use_layer_norm=True, fuse_level=level)
     pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
     fn = _conv_fn(layer, ei, 2)
-    ref = fn(x, pos, e)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fn(x, pos, e)
-        loss = sum(o.float().pow(2).sum() for o in out.values())
-    loss.backward()
+    res = []
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = fn(x, pos, e)
+            loss = sum(o.float().pow(2).sum() for o in out.values())
+        res.append((out, torch.autograd.grad(loss, list(layer.parameters()))))
+    (ref, ref_grads), (out, grads) = res
     for d in ref:
         assert out[d].dtype == torch.bfloat16
         err = (out[d].float() - ref[d]).abs().max() / ref[d].abs().max()
         assert err < 5e-2
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        assert (g - r).abs().max() <= 5e-2 * r.abs().max()
 
 
 def test_attention_edge_dot_gradients_and_memory():
