@@ -45,8 +45,10 @@ __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
            "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD",
            "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO"]
 
-#: CPU budget of kernel-weight values per tile buffer (256 Ki values = 1 MiB in fp32): keeps a tile of R in cache.
-CHUNK_VALUES = 1 << 18
+#: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
+#: Measured against 256 Ki on 2-core EPYC, same process, paper model: 0.95-0.96x the step time at 2 threads and
+#: 0.90-0.96x at 1 (fewer, larger tiles: less Python per edge); 1 Mi was slower again.
+CHUNK_VALUES = 1 << 19
 #: Edges sharing one build of ``tmp`` on CPU. 128: as fast as 256 (measured on 2-core EPYC, same process, paper
 #: model; 64 was 14 % slower) with half the per-thread group buffers.
 GROUP_EDGES = 128
