@@ -175,18 +175,19 @@ def markdown(result: dict) -> str:
     """The result file as a Markdown report: header, the table of every cell, cells not run, fits."""
     _REASONS.clear()
     lines = _header(result)
-    lines += ["Throughput counts real molecules (or points) per second; latency is per step (train: forward + L1 "
-              "loss + backward + AdamW; infer: forward), warm-up excluded. Peak memory: CUDA peak allocated, CPU "
-              "peak resident set of the cell's own process (growth: over the state before the first step, "
-              "including the optimizer's state; act.: the growth less gradients and optimizer state, i.e. activations, "
-              "workspaces and what the allocator keeps; live peak, CPU: the most bytes of tensors alive at once in "
-              "one profiled step, over those alive before it, whatever the allocator keeps). GFLOP/s: useful "
-              "matmul FLOPs of the model counted per degree pair (`benchmarks/flops.py`), over the measured time; % GEMM: of the dense GEMM rate measured in "
-              "the same process and precision; ref-fused: the same time credited with the reference's fused-basis "
-              "FLOP count (issue 7's 3.5 GFLOP per molecule and step). Equivariance error: worst relative error of "
-              "the model's output under 3 random rotations and translations, at the cell's precision and level; "
-              "dev vs fp32: relative deviation from the fp32 output at level NONE. Load: the machine's 1-minute load "
-              "average when the cell started (above the thread count, other processes competed for the cores).", ""]
+    lines += ["Throughput counts real molecules (or points) per second; latency is per step (train: forward + L1 loss "
+              "+ backward + AdamW; infer: forward), warm-up excluded. Peak memory: CUDA peak allocated, CPU peak "
+              "resident set of the cell's own process (growth: over the state before the first step, including the "
+              "optimizer's state; act.: the growth less gradients and optimizer state, i.e. activations, workspaces "
+              "and what the allocator keeps; live peak, CPU: the most bytes of tensors alive at once in one profiled "
+              "step, over those alive before it, whatever the allocator keeps). GFLOP/s: useful matmul FLOPs of the "
+              "model counted per degree pair (`benchmarks/flops.py`), over the measured time; % GEMM: of the dense "
+              "GEMM rate measured in the same process and precision; ref-fused: the same time credited with the "
+              "reference's fused-basis FLOP count (issue 7's 3.5 GFLOP per molecule and step). Equivariance error: "
+              "worst relative error of the model's output under 3 random rotations and translations, at the cell's "
+              "precision and level; dev vs fp32: relative deviation from the fp32 output at level NONE. Load: the "
+              "machine's 1-minute load average when the cell started (above the thread count, other processes competed"
+              " for the cores).", ""]
     lines += _cells_table(result)
     lines += _compile_table(result)
     if _REASONS:
