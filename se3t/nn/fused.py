@@ -331,9 +331,10 @@ class _FusedConv(torch.autograd.Function):
                 for S in range(lo, hi, group):
                     m = min(group, hi - S)
                     t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
+                    hs = h[S:S + m]
                     for o in range(0, b.c_out, tile):  # R's tile: output channels o .. o+w of these edges
                         w = min(tile, b.c_out - o)
-                        R = torch.mm(h[S:S + m], Wj_t[:, o * b.k_in:(o + w) * b.k_in],
+                        R = torch.mm(hs, Wj_t[:, o * b.k_in:(o + w) * b.k_in],
                                      out=rbuf[:m * w * b.k_in].view(m, w * b.k_in)).view(m, w, b.k_in)
                         if obuf is None:
                             torch.bmm(t, R.transpose(1, 2), out=out[S:S + m])
