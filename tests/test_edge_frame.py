@@ -223,6 +223,14 @@ def test_slot_weights_map_is_linear_with_its_adjoint_and_never_stored():
     G = torch.randn_like(W)
     assert torch.allclose((plan.apply(W) * G).sum(), (W * plan.adjoint(G)).sum(), atol=1e-10, rtol=0)
     assert torch.allclose(plan.apply(2 * W + G), 2 * plan.apply(W) + plan.apply(G), atol=1e-12)
+    # the kernel's block-by-block map and adjoint against these all-at-once references
+    mapped, rows, blockwise = plan.apply(W), plan.rows, torch.zeros_like(W)
+    assert len(plan.specs) == 3
+    for spec in plan.specs:
+        block_rows = rows[spec.row:spec.row + spec.c_out * spec.k_in]
+        assert torch.allclose(plan.block_weights(W, spec.row), mapped[block_rows], atol=1e-14, rtol=0)
+        plan.add_block_adjoint(blockwise, G[block_rows], spec.row)
+    assert torch.allclose(blockwise, plan.adjoint(G), atol=1e-12, rtol=0)
     pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
     saved = []
 

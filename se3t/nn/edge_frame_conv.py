@@ -96,7 +96,9 @@ class EdgeFramePlan:
         self.specs = tuple(specs)
         self.rows = torch.cat(rows)
         self._build_gather_index()
+        self._build_block_maps(start)
         self._coefficients: Dict[Tuple[torch.dtype, torch.device], Tuple[List[Tensor], Tensor]] = {}
+        self._block_coefficients: Dict[Tuple[torch.dtype, torch.device], Dict[int, List[Tuple[Tensor, ...]]]] = {}
 
     def _build_gather_index(self) -> None:
         """Where each output value ``(d_out, c, component)`` (blocks' degrees in order) sits among the blocks'
@@ -120,6 +122,58 @@ class EdgeFramePlan:
         self.gather_index = torch.cat(index)
         self.needs_zero_column = bool((self.gather_index == zero_column).any())
 
+    def _build_block_maps(self, num_rows: int) -> None:
+        """Per block (by its first kernel row): the pairs it reads, each with the slots of the block's order ``m``
+        and where their rows ``(slot, o, c)`` sit among the block's rows, so that a block's weights are made (and
+        its gradient mapped back) without the other blocks'."""
+        self._block_maps: Dict[int, List[Tuple[int, List[int], Tensor]]] = {}
+        for m, spec in enumerate(self.specs):
+            n = spec.c_out * spec.k_in
+            position = torch.full((num_rows,), -1, dtype=torch.long)
+            position[self.rows[spec.row:spec.row + n]] = torch.arange(n)
+            entries = []
+            for p, (start, size, d_in, d_out) in enumerate(self._pairs):
+                if min(d_in, d_out) < m:
+                    continue
+                cell = size // num_frequencies(d_in, d_out)  # rows (o, c) of one slot
+                slots = [_slot_index(m, s) for s in range(num_slots(m))]
+                entries.append((p, slots, torch.cat([position[start + i * cell:start + (i + 1) * cell]
+                                                     for i in slots])))
+            where = torch.cat([e[2] for e in entries])
+            if where.numel() != n or bool((where < 0).any()) or where.unique().numel() != n:
+                raise AssertionError(f"edge-frame block {m}: the pairs' slot rows do not tile the block's rows")
+            self._block_maps[spec.row] = entries
+
+    def _block_constants(self, dtype: torch.dtype, device: torch.device) -> Dict[int, List[Tuple[Tensor, ...]]]:
+        """Per block: ``(T[slots] [S, F], the pair's parameter rows (f, o, c), the slots' rows in the block)`` for
+        each pair it reads, on ``device`` (made once per dtype and device)."""
+        key = (dtype, device)
+        if key not in self._block_coefficients:
+            Ts, perm = self._constants(dtype, device)
+            with torch.inference_mode(False):
+                self._block_coefficients[key] = {
+                    row: [(Ts[p][slots].contiguous(), perm[self._pairs[p][0]:self._pairs[p][0] + self._pairs[p][1]],
+                           where.to(device)) for p, slots, where in entries]
+                    for row, entries in self._block_maps.items()}
+        return self._block_coefficients[key]
+
+    def block_weights(self, W: Tensor, row: int) -> Tensor:
+        """The kernel weights of the block starting at kernel row ``row``: ``apply(W)[rows[row:row + n]]``
+        (:class:`se3t.nn.fused.WeightMap`), made from the pairs it reads, ``T[slots] @ W_pair`` each."""
+        entries = self._block_constants(W.dtype, W.device)[row]
+        out = W.new_empty(sum(where.numel() for _, _, where in entries), W.shape[1])
+        for T, param_rows, where in entries:
+            part = torch.mm(T, W.index_select(0, param_rows).view(T.shape[1], -1))  # [S, (o, c, h)]
+            out.index_copy_(0, where, part.view(-1, W.shape[1]))
+        return out
+
+    def add_block_adjoint(self, out: Tensor, grad: Tensor, row: int) -> None:
+        """``out += adjoint(G)`` for the ``G`` that is ``grad`` at the rows of the block starting at kernel row
+        ``row`` and zero elsewhere: ``T[slots]^T @ grad_pair`` added at each pair's parameter rows."""
+        for T, param_rows, where in self._block_constants(grad.dtype, grad.device)[row]:
+            part = torch.mm(T.t(), grad.index_select(0, where).view(T.shape[0], -1))  # [F, (o, c, h)]
+            out.index_add_(0, param_rows, part.view(-1, grad.shape[1]))
+
     def _constants(self, dtype: torch.dtype, device: torch.device) -> Tuple[List[Tensor], Tensor]:
         """Each pair's coefficients ``T`` and :attr:`perm`, on ``device`` (made once per dtype and device)."""
         key = (dtype, device)
@@ -130,8 +184,9 @@ class EdgeFramePlan:
         return self._coefficients[key]
 
     def apply(self, W: Tensor) -> Tensor:
-        """The slot weights (:class:`se3t.nn.fused.WeightMap`) of the last layer ``W [P, H]`` (parameter layout):
-        pair-major, each pair's ``T @ W_pair`` with ``W_pair [F, (o, c, h)]``, so rows ``(pair, slot, o, c)``."""
+        """The slot weights of the last layer ``W [P, H]`` (parameter layout): pair-major, each pair's
+        ``T @ W_pair`` with ``W_pair [F, (o, c, h)]``, so rows ``(pair, slot, o, c)``. The kernel makes them block by
+        block (:meth:`block_weights`); this all-at-once map is their reference."""
         Ts, perm = self._constants(W.dtype, W.device)
         out = torch.empty_like(W)
         for (start, n, _, _), T in zip(self._pairs, Ts):  # pair by pair: no second W-sized temporary
@@ -140,7 +195,8 @@ class EdgeFramePlan:
         return out
 
     def adjoint(self, grad: Tensor) -> Tensor:
-        """The parameter's gradient (parameter layout) from the slot weights' (``T^T @ G`` per pair)."""
+        """The parameter's gradient (parameter layout) from the slot weights' (``T^T @ G`` per pair): the
+        reference of :meth:`add_block_adjoint`."""
         Ts, perm = self._constants(grad.dtype, grad.device)
         out = torch.empty_like(grad)
         for (start, n, _, _), T in zip(self._pairs, Ts):  # pair by pair: no second W-sized temporary

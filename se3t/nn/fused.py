@@ -72,13 +72,14 @@ PARALLEL_MIN_VALUES = 1 << 21
 
 
 class WeightMap(Protocol):
-    """A linear map of the kernel's weight parameter (:func:`fused_conv`'s ``weight_map``)."""
+    """A linear map of the kernel's weight parameter (:func:`fused_conv`'s ``weight_map``), block by block: the
+    kernel's weights are ``A(W)[rows]`` for a linear ``A`` (``[P, H] -> [P, H]``) and ``fused_conv``'s ``rows``."""
 
-    def apply(self, W: Tensor) -> Tensor:
-        """The kernel's weights, ``[P, H]`` from ``W [P, H]``."""
+    def block_weights(self, W: Tensor, row: int) -> Tensor:
+        """``A(W)[rows[row:row + n]]``, the ``n = C_out * K_in`` weights of the block starting at ``row``."""
 
-    def adjoint(self, grad: Tensor) -> Tensor:
-        """The adjoint map: ``W``'s gradient from the kernel weights' gradient (same shapes)."""
+    def add_block_adjoint(self, out: Tensor, grad: Tensor, row: int) -> None:
+        """``out += A^T(G)`` for the ``G`` that is ``grad [n, H]`` at that block's rows and zero elsewhere."""
 
 
 class PartSpec(NamedTuple):
@@ -279,6 +280,14 @@ def _run_ranges(fn: Callable[[int, int, object], object], buffers: Callable[[], 
         torch.set_num_threads(threads)  # the global default the workers lowered; this thread's own setting
 
 
+def _block_weights(W: Tensor, rows: Tensor, b: BlockSpec, weight_map: Optional["WeightMap"], dtype: torch.dtype
+                   ) -> Tensor:
+    """Block ``b``'s kernel weights ``[C_out * K_in, H]`` in ``dtype``: rows of ``W``, or of its map."""
+    if weight_map is None:
+        return W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in])
+    return weight_map.block_weights(W, b.row).to(dtype)
+
+
 class _FusedConv(torch.autograd.Function):
     # Per edge range, a "group" of edges shares one build of tmp (and, in backward, of the gradient of tmp and its
     # per-part scatter to grad_x), amortising those small ops; within it, tiles of output channels small enough
@@ -288,9 +297,6 @@ class _FusedConv(torch.autograd.Function):
     def forward(ctx, chunk: Optional[int], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor,
                 x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"], single_output: bool,
                 h: Tensor, W: Tensor, *xs_bts: Tensor):
-        W_param = W
-        if weight_map is not None:  # the kernel's weights are a linear map of the parameter: made here, not saved
-            W = weight_map.apply(W).to(h.dtype)
         xs = xs_bts[:num_x]
         bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
@@ -305,7 +311,7 @@ class _FusedConv(torch.autograd.Function):
             else:
                 out = buf[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out)
                 col += b.K * b.c_out
-            Wj_t = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in]).t()
+            Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
             dims = [xs[p.x].shape[2] for p in b.parts]
             outer = _use_outer(b, H)
             if outer:  # W' [(k, i), o] = W_j[(o, i), k]; each step of edges is one group
@@ -359,7 +365,7 @@ class _FusedConv(torch.autograd.Function):
             outs.append(out)
         ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh, ctx.weight_map = chunk, blocks, num_x, with_sh, weight_map
         ctx.single_output = single_output
-        ctx.save_for_backward(rows, x_index, h, W_param, *xs_bts)
+        ctx.save_for_backward(rows, x_index, h, W, *xs_bts)
         return (buf,) if single_output else tuple(outs)
 
     @staticmethod
@@ -367,7 +373,6 @@ class _FusedConv(torch.autograd.Function):
         rows, x_index, h, W_param, *xs_bts = ctx.saved_tensors
         chunk, blocks, num_x, with_sh = ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh
         weight_map = ctx.weight_map
-        W = W_param if weight_map is None else weight_map.apply(W_param).to(h.dtype)
         xs = xs_bts[:num_x]
         bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
@@ -383,10 +388,11 @@ class _FusedConv(torch.autograd.Function):
                                  grad_all[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out))
                 col += b.K * b.c_out
         # Accumulate in at least float32 (many chunks; bf16 partial sums would lose bits).
-        acc_dtype = torch.promote_types(W.dtype, torch.float32)
+        acc_dtype = torch.promote_types(h.dtype, torch.float32)
         grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
-        # grad_W in the parameter's row order: each block's partials are added at its rows (one buffer, no copy).
-        grad_W = torch.zeros(W.shape, dtype=acc_dtype, device=W.device) if need_W else None
+        # grad_W in the parameter's row order: each block's partials are added at its rows (one buffer, no copy),
+        # or through the weight map's adjoint, block by block (no buffer of all mapped weights).
+        grad_W = torch.zeros(W_param.shape, dtype=acc_dtype, device=h.device) if need_W else None
         # grad_x per edge as [E, L, C] (the natural output of Bt^T @ gtmp), returned as a transposed view (summed
         # into the nodes' rows for node-level inputs).
         grad_x = [x.new_zeros(E, x.shape[2], x.shape[1]) if need else None for x, need in zip(xs, need_x)]
@@ -403,7 +409,7 @@ class _FusedConv(torch.autograd.Function):
                 g_all = g_all.contiguous()  # output already are
             parts_in = [p for p in b.parts
                         if grad_x[p.x] is not None or bt_grad(p) is not None or grad_sh is not None]
-            Wj = W.index_select(0, rows[b.row:b.row + b.c_out * b.k_in])
+            Wj = _block_weights(W_param, rows, b, weight_map, h.dtype)
             dims = [xs[p.x].shape[2] for p in b.parts]
             # column of each part in the block's projection (harmonics only)
             part_cols = [sum(b.K * q.F * L for q, L in zip(b.parts[:i], dims)) for i in range(len(b.parts))]
@@ -458,7 +464,7 @@ class _FusedConv(torch.autograd.Function):
             def backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, Wj=Wj, group=group, tile=tile,
                                groups=groups, scatter_parts=scatter_parts) -> Optional[Tensor]:
                 rbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
-                gW = torch.zeros(Wj.shape, dtype=acc_dtype, device=W.device) if need_W else None
+                gW = torch.zeros(Wj.shape, dtype=acc_dtype, device=h.device) if need_W else None
                 for S, m, bts, t in groups(lo, hi, group, tmp, pbuf, bbuf, cbuf):
                     hs = h[S:S + m]
                     for o in range(0, b.c_out, tile):  # R's tile: output channels o .. o+w of these edges
@@ -490,7 +496,7 @@ class _FusedConv(torch.autograd.Function):
                                      W_outer=W_outer if outer else None, step=group, groups=groups,
                                      scatter_parts=scatter_parts) -> Optional[Tensor]:
                 zbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
-                gW = torch.zeros(W_outer.shape, dtype=acc_dtype, device=W.device) if need_W else None
+                gW = torch.zeros(W_outer.shape, dtype=acc_dtype, device=h.device) if need_W else None
                 for S, m, bts, t in groups(lo, hi, step, tmp, pbuf, bbuf, cbuf):
                     g = g_all[S:S + m, 0]                                        # [m, C_out]
                     z = zbuf[:m * H * b.k_in].view(m, H, b.k_in)
@@ -507,14 +513,22 @@ class _FusedConv(torch.autograd.Function):
                 return None if gW is None else gW.view(H, b.k_in, b.c_out).permute(2, 1, 0).reshape(-1, H)
 
             # partial grad_W of each range, added in range order: the same sum whichever thread ran which range
-            block_rows = rows[b.row:b.row + b.c_out * b.k_in]
-            fold = (lambda partial, r=block_rows: grad_W.index_add_(0, r, partial)) if need_W else (lambda _: None)
+            grad_Wj = None
+            if not need_W:
+                fold = (lambda _: None)
+            elif weight_map is None:
+                fold = (lambda partial, r=rows[b.row:b.row + b.c_out * b.k_in]: grad_W.index_add_(0, r, partial))
+            else:
+                grad_Wj = torch.zeros(Wj.shape, dtype=acc_dtype, device=h.device)
+                fold = grad_Wj.add_
+            Wj = W_outer = None  # the ranges hold their own references
             _run_ranges(outer_backward_range if outer else backward_range, backward_buffers, fold, E, group,
                         h.device, E * b.c_out * b.k_in)
-        W = Wj = None  # a mapped W is a temporary: freed before the adjoint makes the parameter's gradient
+            if grad_Wj is not None:
+                weight_map.add_block_adjoint(grad_W, grad_Wj, b.row)
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
         if grad_W is not None:
-            grad_W = (grad_W if weight_map is None else weight_map.adjoint(grad_W)).to(W_param.dtype)
+            grad_W = grad_W.to(W_param.dtype)
         if x_index is not None:
             grad_x = [gx.new_zeros(x.shape[0], *gx.shape[1:]).index_add_(0, x_index, gx) if gx is not None else None
                       for x, gx in zip(xs, grad_x)]
@@ -543,8 +557,9 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     ``sh``, none to the projections.
     ``single_output``: return one tensor ``[E, sum_j K_j * C_out_j]`` holding the blocks' outputs side by side
     (each ``[K_j, C_out_j]`` row-major) instead of one tensor per block.
-    ``weight_map`` (optional): the kernel's weights are ``weight_map.apply(W)``, a linear map of ``W`` made in
-    forward and again in backward (never stored); ``W``'s gradient is ``weight_map.adjoint`` of theirs.
+    ``weight_map`` (optional, :class:`WeightMap`): the kernel's weights are a linear map of ``W``, made block by
+    block in forward and again in backward (never stored, never all at once); ``W``'s gradient is the adjoint map
+    of theirs.
     ``chunk`` (optional): the most edges per group (one build of ``tmp``; default: the device's, see
     :func:`_tiling`).
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
