@@ -283,8 +283,16 @@ class Basis(Mapping):
 
     def frame_rows(self, d_in: int, m: int) -> Tensor:
         """The fused kernel's edge-frame basis of ``d_in`` at order ``m`` (:func:`se3t.edge_frame.frame_rows`),
-        made with the frames (all ``m <= d_in``); only valid when :meth:`edge_frames` is not ``None``."""
-        return self._edge_frame_state()[1][(d_in, m)]
+        made from the frames on first use and kept; only valid when :meth:`edge_frames` is not ``None``."""
+        rows = self._edge_frame_state()[1]
+        return rows[(d_in, m)] if (d_in, m) in rows else self._make_frame_rows(d_in, m)
+
+    @torch.compiler.disable  # a constant of the edge set, kept: made outside any traced graph
+    def _make_frame_rows(self, d_in: int, m: int) -> Tensor:
+        frames, rows = self._edge_frame_state()
+        with torch.inference_mode(False):
+            rows[(d_in, m)] = frame_rows(frames.rot[d_in], d_in, m)
+        return rows[(d_in, m)]
 
     @torch.compiler.disable  # constants of the edge set (one host sync): a graph break, not a traced recompute
     def _edge_frame_state(self) -> Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]:
@@ -293,9 +301,7 @@ class Basis(Mapping):
         sh = self._harmonics
         with torch.inference_mode(False):  # normal tensors (no gradient): usable under either mode later
             frames = None if sh is None else edge_frames(sh, self.max_degree)
-            rows = {} if frames is None else {(d, m): frame_rows(frames.rot[d], d, m)
-                                              for d in range(self.max_degree + 1) for m in range(d + 1)}
-        self._frames = (frames, rows)
+        self._frames = (frames, {})  # rows are made on first use (frame_rows)
         return self._frames
 
     # Construction -------------------------------------------------------------------------------------------
@@ -344,6 +350,20 @@ class Basis(Mapping):
         if self._harmonics is not None:
             return Basis.from_harmonics(fn(self._harmonics), self.max_degree, self._degrees)
         return Basis({d: fn(b) for d, b in self.blocks.items()}, self.max_degree)
+
+    def select(self, edges: Tensor) -> "Basis":
+        """The basis of the edges ``edges [E_b]`` (int64 ids), in that order. Frames (and frame rows) this basis
+        has already made are selected with it, not made again."""
+        if self._harmonics is not None:
+            out = Basis.from_harmonics(self._harmonics.index_select(0, edges), self.max_degree, self._degrees)
+        else:
+            out = Basis({d: b.index_select(0, edges) for d, b in self._blocks.items()}, self.max_degree)
+        if self._frames is not None:
+            frames, rows = self._frames
+            if frames is not None:
+                frames = EdgeFrames(*([t.index_select(0, edges) for t in ts] for ts in frames))
+            out._frames = (frames, {key: r.index_select(0, edges) for key, r in rows.items()})
+        return out
 
     def to(self, *args, **kwargs) -> "Basis":
         return self.apply(lambda t: t.to(*args, **kwargs))

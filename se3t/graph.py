@@ -5,15 +5,18 @@ and query points are processed in chunks, so neither time nor memory is quadrati
 ``knn_graph`` computes distances chunk by chunk (``[chunk, N]`` at a time, never ``[N, N]``).
 Both return ``edge_index [2, E]`` = (src, dst) with messages flowing from a neighbour to the centre, no self
 loops, sorted by destination, and never connect points of different graphs (``graph_index``).
+
+``destination_blocks`` splits any graph's nodes into blocks with their incoming edges (the model's
+``low_memory`` mode recomputes each layer block by block).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["radius_graph", "knn_graph"]
+__all__ = ["radius_graph", "knn_graph", "DestinationBlock", "destination_blocks"]
 
 
 def _check(pos: Tensor, graph_index: Optional[Tensor]) -> Tensor:
@@ -130,3 +133,46 @@ def knn_graph(pos: Tensor, k: int, graph_index: Optional[Tensor] = None, chunk_s
         srcs.append(idx[ok])
         dsts.append(q[:, None].expand_as(idx)[ok])
     return _sort_by_dst(torch.cat(srcs), torch.cat(dsts), N)
+
+
+class DestinationBlock(NamedTuple):
+    """Destination nodes ``start:stop`` and the ids of all their incoming edges, ``edges [E_b]`` (int64, ordered by
+    destination, in their original order within one destination)."""
+
+    start: int
+    stop: int
+    edges: Tensor
+
+
+def destination_blocks(edge_index: Tensor, num_nodes: int, num_blocks: int) -> List[DestinationBlock]:
+    """Split nodes ``0..num_nodes-1`` into at most ``num_blocks`` contiguous ranges with about equal numbers of
+    incoming edges, each range with at least one edge (fewer ranges when there are fewer edges, or when one node
+    has most of them). The ranges cover every node and every edge is in exactly one block, so any computation
+    whose result at a node depends only on that node's incoming edges (attention, pooled convolution, per-node
+    norms) can run block by block. A graph without edges is one block without edges.
+
+    ``edge_index [2, E]`` (src, dst), any edge order. One host synchronisation (the block bounds).
+    """
+    if not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+    dst = edge_index[1]
+    E = dst.shape[0]
+    order = torch.argsort(dst, stable=True)
+    if E == 0 or num_blocks == 1:
+        return [DestinationBlock(0, num_nodes, order)]
+    ends = torch.bincount(dst, minlength=num_nodes).cumsum(0)  # ends[n]: edges into nodes 0..n
+    targets = sorted({-(-E * i // num_blocks) for i in range(1, num_blocks)} - {E})  # ceil(E i / k) < E
+    # a block ends after the first node at which the edges so far reach a target
+    stops = (torch.searchsorted(ends, torch.tensor(targets, device=ends.device)) + 1).tolist()
+    ends_at = ends.tolist()
+    bounds = [0]
+    for stop in stops + [num_nodes]:
+        if stop > bounds[-1]:
+            bounds.append(stop)
+    if ends_at[bounds[-2] - 1] == E and len(bounds) > 2:  # trailing nodes without edges join the block before
+        del bounds[-2]
+    blocks = []
+    for start, stop in zip(bounds, bounds[1:]):
+        first = ends_at[start - 1] if start > 0 else 0
+        blocks.append(DestinationBlock(start, stop, order[first:ends_at[stop - 1]]))
+    return blocks

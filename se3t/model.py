@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from ._validate import check_edge_index, check_features, check_graph_index, check_pos
 from .basis import Basis, get_basis, safe_norm
 from .fiber import Features, Fiber
+from .graph import DestinationBlock, destination_blocks
 from .nn.attention import AttentionBlockSE3
 from .nn.conv import RADIAL_SHARING, ConvSE3, FuseLevel
 from .nn.norm import NormSE3
@@ -33,7 +34,9 @@ class SE3Transformer(nn.Module):
     * ``radial``: radial parametrization of every conv (``"conv"``, ``"output_degree"``, ``"input_degree"``,
       ``"pair"``), or a sequence with one entry per conv (``num_layers + 1``).
     * ``low_memory``: keep only each layer's input features for backward and recompute the layer there
-      (non-reentrant checkpointing): activation memory of one layer instead of all, ~1/3 more compute.
+      (non-reentrant checkpointing), one block of destination nodes with their incoming edges at a time
+      (``low_memory_blocks`` blocks of about equal edge counts, :func:`se3t.graph.destination_blocks`): the
+      activation memory of a fraction of one layer instead of all layers', ~1/3 more compute.
     * ``reference_parity``: reproduce the reference where se3t chooses differently (see README,
       "Reference parity"): the final conv's self-interaction is then added on every edge before the sum.
 
@@ -47,7 +50,8 @@ class SE3Transformer(nn.Module):
                  return_type: Optional[int] = None, pooling: Optional[str] = None, norm: bool = True,
                  use_layer_norm: bool = True, low_memory: bool = False,
                  fuse_level: Union[FuseLevel, str, int] = FuseLevel.EDGE_FRAME,
-                 radial: Union[str, Sequence[str]] = "conv", reference_parity: bool = False):
+                 radial: Union[str, Sequence[str]] = "conv", reference_parity: bool = False,
+                 low_memory_blocks: int = 4):
         super().__init__()
         fiber_in, fiber_hidden, fiber_out, fiber_edge = map(_fiber, (fiber_in, fiber_hidden, fiber_out, fiber_edge))
         if num_layers < 0:
@@ -56,6 +60,8 @@ class SE3Transformer(nn.Module):
         if len(radials) != num_layers + 1 or any(r not in RADIAL_SHARING for r in radials):
             raise ValueError(f"radial must be one of {RADIAL_SHARING} or a list of {num_layers + 1} of them, "
                              f"got {radial!r}")
+        if not isinstance(low_memory_blocks, int) or low_memory_blocks < 1:
+            raise ValueError(f"low_memory_blocks must be a positive int, got {low_memory_blocks!r}")
         if pooling is not None and return_type is None:
             raise ValueError("return_type must be given when pooling")
         if return_type is not None and return_type not in fiber_out:
@@ -63,7 +69,7 @@ class SE3Transformer(nn.Module):
         self.fiber_in, self.fiber_hidden, self.fiber_out, self.fiber_edge = fiber_in, fiber_hidden, fiber_out, fiber_edge
         self.num_layers, self.return_type, self.pooling = num_layers, return_type, pooling
         self.fuse_level = FuseLevel.coerce(fuse_level)
-        self.low_memory, self.reference_parity = low_memory, reference_parity
+        self.low_memory, self.low_memory_blocks, self.reference_parity = low_memory, low_memory_blocks, reference_parity
         self.max_degree = max(fiber_in.max_degree, fiber_hidden.max_degree, fiber_out.max_degree)
 
         modules = []
@@ -90,6 +96,42 @@ class SE3Transformer(nn.Module):
                 feats = module(feats)
             else:
                 feats = module(feats, edge_feats, radial_in, edge_index, basis)
+        return feats
+
+    def _run_layer_block(self, start: int, stop: int, feats: Features, edge_feats: Features, radial_in: Tensor,
+                         edge_index: Tensor, basis: Basis, block: DestinationBlock) -> Features:
+        """One layer (``graph_modules[start]`` and the norms after it) at the nodes of ``block`` only: their rows
+        ``[block.stop - block.start, C, 2d+1]`` of the layer's output. Every per-edge input is selected here, so
+        that a checkpoint of this function keeps nothing per edge."""
+        edges = block.edges
+        rows = {d: t[block.start:block.stop] for d, t in feats.items()}
+        src, dst = edge_index.index_select(1, edges).unbind(0)
+        sub_index = torch.stack([src, dst - block.start])
+        sub_edge_feats = {d: t.index_select(0, edges) for d, t in edge_feats.items()}
+        out = self.graph_modules[start](feats, sub_edge_feats, radial_in.index_select(0, edges), sub_index,
+                                        basis.select(edges), dst_feats=rows)
+        for module in self.graph_modules[start + 1:stop]:
+            out = module(out)
+        return out
+
+    def _run_low_memory(self, feats: Features, edge_feats: Features, radial_in: Tensor, edge_index: Tensor,
+                        basis: Basis) -> Features:
+        """The layers under checkpoints, each in blocks of destination nodes (see ``low_memory``)."""
+        if self.fuse_level == FuseLevel.EDGE_FRAME and basis.harmonics is not None \
+                and not basis.harmonics.requires_grad:
+            basis.edge_frames()  # made once here, then selected per block (not remade per block and recompute)
+        num_nodes = next(iter(feats.values())).shape[0]
+        blocks = destination_blocks(edge_index, num_nodes, self.low_memory_blocks)
+        # A layer is a graph module with the norms after it (their inputs would be one more stored copy).
+        starts = [i for i, m in enumerate(self.graph_modules) if not isinstance(m, NormSE3)]
+        for start, stop in zip(starts, starts[1:] + [len(self.graph_modules)]):
+            if len(blocks) == 1:
+                feats = checkpoint(self._run_modules, start, stop, feats, edge_feats, radial_in, edge_index, basis,
+                                   use_reentrant=False)
+                continue
+            parts = [checkpoint(self._run_layer_block, start, stop, feats, edge_feats, radial_in, edge_index, basis,
+                                block, use_reentrant=False) for block in blocks]
+            feats = {d: torch.cat([p[d] for p in parts]) for d in parts[0]}
         return feats
 
     def set_fuse_level(self, level: Union[FuseLevel, str, int]) -> None:
@@ -133,12 +175,8 @@ class SE3Transformer(nn.Module):
 
         feats = {d: node_feats[d] for d in self.fiber_in.degrees}
         if self.low_memory and torch.is_grad_enabled():
-            # Keep only each layer's input features; its activations are recomputed, layer by layer, in backward.
-            # A layer is a graph module with the norms after it (their inputs would be one more stored copy).
-            starts = [i for i, m in enumerate(self.graph_modules) if not isinstance(m, NormSE3)]
-            for start, stop in zip(starts, starts[1:] + [len(self.graph_modules)]):
-                feats = checkpoint(self._run_modules, start, stop, feats, edge_feats, radial_in, edge_index, basis,
-                                   use_reentrant=False)
+            # Keep only each layer's input features; its activations are recomputed in backward.
+            feats = self._run_low_memory(feats, edge_feats, radial_in, edge_index, basis)
         else:
             feats = self._run_modules(0, len(self.graph_modules), feats, edge_feats, radial_in, edge_index, basis)
 
@@ -160,7 +198,8 @@ class SE3TransformerPooled(nn.Module):
                  num_channels: int, output_dim: int = 1, num_layers: int = 7, num_heads: int = 8,
                  channels_div: int = 2, pooling: str = "max", norm: bool = True, use_layer_norm: bool = True,
                  low_memory: bool = False, fuse_level: Union[FuseLevel, str, int] = FuseLevel.EDGE_FRAME,
-                 radial: Union[str, Sequence[str]] = "conv", reference_parity: bool = False):
+                 radial: Union[str, Sequence[str]] = "conv", reference_parity: bool = False,
+                 low_memory_blocks: int = 4):
         super().__init__()
         fiber_out = _fiber(fiber_out)
         if fiber_out.degrees != (0,):
@@ -168,7 +207,8 @@ class SE3TransformerPooled(nn.Module):
         self.transformer = SE3Transformer(num_layers, fiber_in, Fiber.create(num_degrees, num_channels), fiber_out,
                                           num_heads, channels_div, fiber_edge, return_type=0, pooling=pooling or "max",
                                           norm=norm, use_layer_norm=use_layer_norm, low_memory=low_memory,
-                                          fuse_level=fuse_level, radial=radial, reference_parity=reference_parity)
+                                          fuse_level=fuse_level, radial=radial, reference_parity=reference_parity,
+                                          low_memory_blocks=low_memory_blocks)
         n = fiber_out.num_features
         self.mlp = nn.Sequential(nn.Linear(n, n), nn.ReLU(), nn.Linear(n, output_dim))
         self.output_dim = output_dim

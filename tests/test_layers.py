@@ -601,3 +601,39 @@ def test_kernel_tiling_keeps_a_tile_of_r_within_the_budget():
     assert _tiling(None, huge, 100, cpu) == (1, 1)
     group, tile = _tiling(None, wide, 10 ** 6, gpu)
     assert tile == 96 and group == fused.CHUNK_VALUES_ACCELERATOR // (96 * 192)
+
+
+@pytest.mark.parametrize("kind", ["attention", "conv", "conv-reference-parity"])
+def test_layers_on_a_block_of_destination_nodes_give_those_rows(kind):
+    """``dst_feats``: a layer run on a block of destination nodes with all their incoming edges (sources from all
+    nodes) gives the block's rows of the whole graph's output, with the same gradients (summed over blocks)."""
+    from se3t.graph import destination_blocks
+    fout = Fiber({0: 4, 1: 4, 2: 4})
+    if kind == "attention":
+        layer = AttentionBlockSE3(FIBER_IN, fout, FIBER_EDGE, num_heads=2, use_layer_norm=True).double()
+    else:
+        layer = ConvSE3(FIBER_IN, fout, FIBER_EDGE, self_interaction=True,
+                        reference_parity=kind == "conv-reference-parity").double()
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=14)
+    ei = ei[:, torch.randperm(ei.shape[1])]
+    rel = pos[ei[1]] - pos[ei[0]]
+    radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1)
+    basis = get_basis(rel, 2)
+    params = list(layer.parameters())
+    full = layer(x, e, radial_in, ei, basis)
+    weights = {d: torch.randn_like(o) for d, o in full.items()}
+    grads = torch.autograd.grad(sum((o * weights[d]).sum() for d, o in full.items()), params)
+    blocks = destination_blocks(ei, 14, 3)
+    assert len(blocks) == 3
+    block_grads = [torch.zeros_like(p) for p in params]
+    for b in blocks:
+        sub = ei[:, b.edges] - torch.tensor([[0], [b.start]])
+        out = layer(x, {d: t[b.edges] for d, t in e.items()}, radial_in[b.edges], sub, basis.select(b.edges),
+                    dst_feats={d: t[b.start:b.stop] for d, t in x.items()})
+        for d in full:
+            assert torch.allclose(out[d], full[d][b.start:b.stop], atol=1e-12, rtol=0)
+        loss = sum((o * weights[d][b.start:b.stop]).sum() for d, o in out.items())
+        for acc, g in zip(block_grads, torch.autograd.grad(loss, params)):
+            acc += g
+    for g, bg in zip(grads, block_grads):
+        assert torch.allclose(g, bg, atol=1e-11, rtol=0)

@@ -123,11 +123,15 @@ class AttentionBlockSE3(nn.Module):
         self.scale = 1.0 / math.sqrt(self.key_fiber.num_features)
 
     def forward(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
-                edge_index: Tensor, basis: Basis) -> Features:
+                edge_index: Tensor, basis: Basis, dst_feats: Optional[Features] = None) -> Features:
+        """``dst_feats``: the destination nodes' features when they are not ``node_feats`` (a block of nodes,
+        :func:`se3t.graph.destination_blocks`, with all their incoming edges): ``edge_index[1]`` then indexes
+        ``dst_feats``, which give the queries and the skip connection; keys and values come from ``node_feats``."""
         dst = edge_index[1]
-        num_nodes = next(iter(node_feats.values())).shape[0]
+        dst_feats = node_feats if dst_feats is None else dst_feats
+        num_nodes = next(iter(dst_feats.values())).shape[0]
         kv = self.to_key_value(node_feats, edge_feats, radial_in, edge_index, basis)
-        query = self.to_query(node_feats)
+        query = self.to_query(dst_feats)
         # Heads as views (no copies): the keys and values stay in the conv's output, kept once for backward.
         split = {d: (_SplitChannels.apply(kv[d], c) if torch.is_grad_enabled() else (kv[d][:, :c], kv[d][:, c:]))
                  for d, c in self.value_fiber}
@@ -149,7 +153,7 @@ class AttentionBlockSE3(nn.Module):
             W = self.project.weights[str(d)]
             out[d] = channel_mix(W[:, :c], z)
             if d in self.fiber_in:
-                out[d] = out[d] + channel_mix(W[:, c:], node_feats[d])
+                out[d] = out[d] + channel_mix(W[:, c:], dst_feats[d])
         return out
 
     def extra_repr(self) -> str:

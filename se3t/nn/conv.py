@@ -281,7 +281,10 @@ class ConvSE3(nn.Module):
         return out
 
     def forward(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
-                edge_index: Tensor, basis: Basis) -> Features:
+                edge_index: Tensor, basis: Basis, dst_feats: Optional[Features] = None) -> Features:
+        """``dst_feats``: the destination nodes' features when they are not ``node_feats`` (a block of nodes,
+        :func:`se3t.graph.destination_blocks`): ``edge_index[1]`` then indexes ``dst_feats``, the sum and the
+        self-interaction are over its nodes, and sources still come from ``node_feats``."""
         if basis.max_degree < self.max_degree:
             raise ValueError(f"basis was built for max_degree={basis.max_degree}; this conv needs {self.max_degree}")
         src, dst = edge_index[0], edge_index[1]
@@ -289,17 +292,18 @@ class ConvSE3(nn.Module):
             msgs = checkpoint(self.edge_messages, node_feats, edge_feats, radial_in, src, basis, use_reentrant=False)
         else:
             msgs = self.edge_messages(node_feats, edge_feats, radial_in, src, basis)
-        num_nodes = next(iter(node_feats.values())).shape[0]
+        dst_feats = node_feats if dst_feats is None else dst_feats
+        num_nodes = next(iter(dst_feats.values())).shape[0]
         out: Features = {}
         for d_out, m in msgs.items():
             has_self = self.self_interaction and str(d_out) in self.to_kernel_self
             per_edge_self = has_self and (self.reference_parity or not self.pool)
             if per_edge_self:
-                m = m + channel_mix(self.to_kernel_self[str(d_out)], node_feats[d_out].index_select(0, dst))
+                m = m + channel_mix(self.to_kernel_self[str(d_out)], dst_feats[d_out].index_select(0, dst))
             if self.pool:
                 m = scatter_sum(m, dst, num_nodes, check=False)
                 if has_self and not per_edge_self:
-                    m = m + channel_mix(self.to_kernel_self[str(d_out)], node_feats[d_out])
+                    m = m + channel_mix(self.to_kernel_self[str(d_out)], dst_feats[d_out])
             out[d_out] = m
         return out
 

@@ -29,6 +29,7 @@ class ModelConfig:
     norm: bool = True
     use_layer_norm: bool = True
     low_memory: bool = False
+    low_memory_blocks: int = 4
     node_features: int = 6
     edge_features: int = 4
     output_dim: int = 1
@@ -79,6 +80,7 @@ def build_model(config: ModelConfig, fuse_level: str = "EDGE_FRAME") -> torch.nn
         norm=config.norm,
         use_layer_norm=config.use_layer_norm,
         low_memory=config.low_memory,
+        low_memory_blocks=config.low_memory_blocks,
         fuse_level=se3t.FuseLevel[fuse_level.upper()],
     )
 
