@@ -403,6 +403,11 @@ def test_fused_kernel_in_inference_mode_on_worker_threads(level, order, monkeypa
 
 def _fused_layer_in_child(queue) -> None:
     torch.set_num_threads(1)  # as DataLoader workers do: OpenMP itself does not survive a fork
+    # The parent's patch (get_num_threads -> 2) is inherited, so that the kernel uses its worker pool here too;
+    # the kernel's restore of that pretended count must not give OpenMP two threads in a forked process (its
+    # next parallel region, e.g. a GEMM on this thread, would hang in any code).
+    set_num_threads = torch.set_num_threads
+    torch.set_num_threads = lambda n: set_num_threads(1)
     layer, ei, x, pos, e = _FORK_CASE
     queue.put({d: v.tolist() for d, v in _conv_fn(layer, ei, 2)(x, pos, e).items()})
 
