@@ -111,7 +111,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--norm", action=BOOL, default=True, help="NormSE3 after each attention block")
     g.add_argument("--use_layer_norm", action=BOOL, default=True, help="LayerNorm in the radial MLPs")
     g.add_argument("--low_memory", action=BOOL, default=False, help="recompute activations in backward")
-    g.add_argument("--low_memory_blocks", type=_positive_int, default=4,
+    g.add_argument("--low_memory_blocks", type=_positive_int, default=3,
                    help="with --low_memory: recompute each layer in this many blocks of destination nodes")
 
     g = p.add_argument_group("checkpoints and evaluation")

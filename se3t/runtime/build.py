@@ -29,7 +29,7 @@ class ModelConfig:
     norm: bool = True
     use_layer_norm: bool = True
     low_memory: bool = False
-    low_memory_blocks: int = 4
+    low_memory_blocks: int = 3
     node_features: int = 6
     edge_features: int = 4
     output_dim: int = 1
