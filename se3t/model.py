@@ -20,6 +20,12 @@ __all__ = ["SE3Transformer", "SE3TransformerPooled"]
 
 FiberLike = Union[Fiber, Mapping[int, int]]
 
+#: ``low_memory`` splits a layer into blocks of at least this many edges: every layer call has costs that do not
+#: shrink with its edges (measured, QM9 model on 2 CPU cores, same process: at 100 molecules, ~3,700 edges, one
+#: block takes 1.33x the step time without checkpoints and three blocks 1.73x; at 400 molecules three blocks of
+#: ~4,950 edges take 1.42x).
+LOW_MEMORY_MIN_BLOCK_EDGES = 4096
+
 
 def _fiber(f: Optional[FiberLike]) -> Fiber:
     return f if isinstance(f, Fiber) else Fiber(f or {})
@@ -35,10 +41,11 @@ class SE3Transformer(nn.Module):
       ``"pair"``), or a sequence with one entry per conv (``num_layers + 1``).
     * ``low_memory``: keep only each layer's input features for backward and recompute the layer there
       (non-reentrant checkpointing), one block of destination nodes with their incoming edges at a time
-      (``low_memory_blocks`` blocks of about equal edge counts, :func:`se3t.graph.destination_blocks`): the
-      activation memory of a fraction of one layer instead of all layers', ~1/3 more compute. Each block is one
-      more call of every layer (measured same-process at 400 QM9 molecules on 2 CPU cores: step time 1.25x
-      without checkpointing for one block, 1.31x two, 1.42x three, 1.58x four; live tensors 752 MiB without,
+      (at most ``low_memory_blocks`` blocks of about equal edge counts and at least
+      :data:`LOW_MEMORY_MIN_BLOCK_EDGES` edges each, :func:`se3t.graph.destination_blocks`): the activation
+      memory of a fraction of one layer instead of all layers', ~1/3 more compute. Each block is one more call of
+      every layer (measured same-process at 400 QM9 molecules on 2 CPU cores: step time 1.25x without
+      checkpointing for one block, 1.31x two, 1.42x three, 1.58x four; live tensors 752 MiB without,
       215 / 185 / 173 MiB with one / two / four blocks): the default is 3.
     * ``reference_parity``: reproduce the reference where se3t chooses differently (see README,
       "Reference parity"): the final conv's self-interaction is then added on every edge before the sum.
@@ -124,7 +131,8 @@ class SE3Transformer(nn.Module):
                 and not basis.harmonics.requires_grad:
             basis.edge_frames()  # made once here, then selected per block (not remade per block and recompute)
         num_nodes = next(iter(feats.values())).shape[0]
-        blocks = destination_blocks(edge_index, num_nodes, self.low_memory_blocks)
+        num_blocks = max(1, min(self.low_memory_blocks, edge_index.shape[1] // LOW_MEMORY_MIN_BLOCK_EDGES))
+        blocks = destination_blocks(edge_index, num_nodes, num_blocks)
         # A layer is a graph module with the norms after it (their inputs would be one more stored copy).
         starts = [i for i, m in enumerate(self.graph_modules) if not isinstance(m, NormSE3)]
         for start, stop in zip(starts, starts[1:] + [len(self.graph_modules)]):

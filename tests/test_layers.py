@@ -363,6 +363,7 @@ def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, order, mo
     set_kernel_order(monkeypatch, order)
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "UNITS_PER_THREAD", 3)
+    monkeypatch.setattr(fused, "MIN_UNIT_GROUPS", 1)
     monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level)

@@ -88,7 +88,9 @@ def test_fuse_levels_same_outputs_and_gradients(radial):
 
 @pytest.mark.parametrize("fuse_level", ["EDGE_FRAME", "FULL"])
 @pytest.mark.parametrize("blocks", [1, 3, 100])
-def test_low_memory_same_outputs_gradients_and_all_parameters_train(blocks, fuse_level):
+def test_low_memory_same_outputs_gradients_and_all_parameters_train(blocks, fuse_level, monkeypatch):
+    import se3t.model
+    monkeypatch.setattr(se3t.model, "LOW_MEMORY_MIN_BLOCK_EDGES", 1)  # blocks on this small graph too
     base = make_model(fuse_level=fuse_level)
     low = make_model(low_memory=True, low_memory_blocks=blocks, fuse_level=fuse_level)
     low.load_state_dict(base.state_dict())
@@ -120,6 +122,7 @@ def test_low_memory_checkpoints_each_layer_with_its_norm(blocks, monkeypatch):
     import se3t.model
     from se3t.graph import destination_blocks
     segments = []
+    monkeypatch.setattr(se3t.model, "LOW_MEMORY_MIN_BLOCK_EDGES", 1)
     real = se3t.model.checkpoint
     monkeypatch.setattr(se3t.model, "checkpoint", lambda fn, *a, **k: segments.append(a[:2]) or real(fn, *a, **k))
     model = make_model(low_memory=True, num_layers=3, low_memory_blocks=blocks)
@@ -136,6 +139,20 @@ def test_low_memory_checkpoints_each_layer_with_its_norm(blocks, monkeypatch):
     assert segments == []  # nothing to recompute without autograd
 
 
+def test_low_memory_blocks_have_a_minimum_of_edges(monkeypatch):
+    import se3t.model
+    calls = []
+    real = se3t.model.destination_blocks
+    monkeypatch.setattr(se3t.model, "destination_blocks", lambda ei, n, k: calls.append(k) or real(ei, n, k))
+    model = make_model(low_memory=True, low_memory_blocks=3)
+    x, ei, pos, e, _ = make_inputs()
+    E = ei.shape[1]
+    for minimum, expected in ((E + 1, 1), (E // 2, 2), (1, 3)):
+        monkeypatch.setattr(se3t.model, "LOW_MEMORY_MIN_BLOCK_EDGES", minimum)
+        model(x, ei, pos, e)
+        assert calls.pop() == expected
+
+
 def _live_tensor_peak(step) -> int:
     """Peak bytes of CPU tensors allocated while ``step()`` runs (torch.profiler's memory events)."""
     with torch.profiler.profile(profile_memory=True) as prof:
@@ -149,10 +166,12 @@ def _live_tensor_peak(step) -> int:
     return peak
 
 
-def test_low_memory_blocks_bound_the_memory_of_a_training_step():
+def test_low_memory_blocks_bound_the_memory_of_a_training_step(monkeypatch):
     """On a dense graph (30 edges per node) the edge-level tensors dominate: checkpointing layers halves the live
     peak, and recomputing each layer in blocks of destination nodes cuts what remains by a third (measured: 15.4,
     7.8 and 5.3 MiB)."""
+    import se3t.model
+    monkeypatch.setattr(se3t.model, "LOW_MEMORY_MIN_BLOCK_EDGES", 400)  # 4 blocks of this graph's ~1,800 edges
     torch.manual_seed(0)
     x, ei, pos, e, _ = make_inputs(num_nodes=60, p=0.5, dtype=torch.float32)
     peaks = []
