@@ -206,8 +206,8 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 # --- edge ranges on CPU worker threads -------------------------------------------------------------------------
 # A tile's GEMMs are too small to split well over OpenMP threads (measured: 2 threads barely beat 1 on a
 # 25-edge chunk), but independent edge ranges are embarrassingly parallel. With T > 1 intra-op threads the edges
-# are cut into UNITS_PER_THREAD * T contiguous units of whole groups, which T Python threads (ATen releases the
-# GIL), with one intra-op thread each, take one at a time in order. Taking units dynamically balances the load
+# are cut into at most UNITS_PER_THREAD * T contiguous units of whole groups, which T Python threads (ATen
+# releases the GIL), with one intra-op thread each, take one at a time in order. Taking units dynamically balances the load
 # (with a static split into T ranges one thread sat idle for up to ~25 % of a block: uneven ranges, noisy
 # cores). Outputs and per-edge gradients of different units are disjoint, and every unit returns its own partial
 # grad_W, summed in unit order: for a given thread count the result does not depend on which thread ran which
@@ -216,8 +216,8 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 UNITS_PER_THREAD = 4
 #: ... each of at least this many groups: every unit's partial grad_W is a fresh block-sized buffer, which on a
 #: layer called on few edges (low_memory's blocks) cost more than the balance gained (measured: backward of one
-#: conv of the QM9 model on 3 blocks of ~1,240 edges, 0.71 s with units of one group, 0.59 s with one unit per
-#: thread; 0.48 s unsplit, which the minimum leaves as it was).
+#: conv of the QM9 model in 3 calls of ~1,240 edges: 0.71 s with eight units of about one group per call,
+#: 0.52-0.59 s with two; 0.48 s as one call of all edges).
 MIN_UNIT_GROUPS = 4
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
