@@ -207,11 +207,11 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 # A tile's GEMMs are too small to split well over OpenMP threads (measured: 2 threads barely beat 1 on a
 # 25-edge chunk), but independent edge ranges are embarrassingly parallel. With T > 1 intra-op threads the edges
 # are cut into at most UNITS_PER_THREAD * T contiguous units of whole groups, which T Python threads (ATen
-# releases the GIL), with one intra-op thread each, take one at a time in order. Taking units dynamically balances the load
-# (with a static split into T ranges one thread sat idle for up to ~25 % of a block: uneven ranges, noisy
-# cores). Outputs and per-edge gradients of different units are disjoint, and every unit returns its own partial
-# grad_W, summed in unit order: for a given thread count the result does not depend on which thread ran which
-# unit (bitwise reproducible).
+# releases the GIL), with one intra-op thread each, take one at a time in order. Taking units dynamically
+# balances the load (with a static split into T ranges one thread sat idle for up to ~25 % of a block: uneven
+# ranges, noisy cores). Outputs and per-edge gradients of different units are disjoint, and every unit returns
+# its own partial grad_W, summed in unit order: for a given thread count the result does not depend on which
+# thread ran which unit (bitwise reproducible).
 #: Work units per worker thread (more: better balance, smaller units).
 UNITS_PER_THREAD = 4
 #: ... each of at least this many groups: every unit's partial grad_W is a fresh block-sized buffer, which on a
