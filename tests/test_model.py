@@ -153,24 +153,12 @@ def test_low_memory_blocks_have_a_minimum_of_edges(monkeypatch):
         assert calls.pop() == expected
 
 
-def _live_tensor_peak(step) -> int:
-    """Peak bytes of CPU tensors allocated while ``step()`` runs (torch.profiler's memory events)."""
-    with torch.profiler.profile(profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_low_memory_blocks_bound_the_memory_of_a_training_step(monkeypatch):
     """On a dense graph (30 edges per node) the edge-level tensors dominate: checkpointing layers halves the live
     peak, and recomputing each layer in blocks of destination nodes cuts what remains by a third (measured: 15.4,
-    7.8 and 5.3 MiB)."""
+    8.0 and 5.3 MiB)."""
     import se3t.model
+    from benchmarks.runner import live_tensor_peak  # the benchmarks' own measure (kernel on the calling thread)
     monkeypatch.setattr(se3t.model, "LOW_MEMORY_MIN_BLOCK_EDGES", 400)  # 4 blocks of this graph's ~1,800 edges
     torch.manual_seed(0)
     x, ei, pos, e, _ = make_inputs(num_nodes=60, p=0.5, dtype=torch.float32)
@@ -183,7 +171,7 @@ def test_low_memory_blocks_bound_the_memory_of_a_training_step(monkeypatch):
             sum(o.pow(2).sum() for o in out.values()).backward()
 
         step()  # parameter gradients exist before the measured step, as in training
-        peaks.append(_live_tensor_peak(step))
+        peaks.append(live_tensor_peak(step)["live_peak_bytes"])
     default, layers, blocks = peaks
     assert layers < 0.6 * default and blocks < 0.75 * layers, [p / 2 ** 20 for p in peaks]
 
