@@ -45,7 +45,8 @@ class SE3Transformer(nn.Module):
       :data:`LOW_MEMORY_MIN_BLOCK_EDGES` edges each, :func:`se3t.graph.destination_blocks`): the activation
       memory of a fraction of one layer instead of all layers', ~1/3 more compute. Each block is one more call of
       every layer (measured same-process at 400 QM9 molecules on 2 CPU cores: step time 1.25x without
-      checkpointing for one block, 1.31x two, 1.42x three, 1.58x four; live tensors 752 MiB without,
+      checkpointing for one block, 1.31x two, 1.42x three, 1.58x four (before the kernel's minimum unit size,
+      ``se3t.nn.fused.MIN_UNIT_GROUPS``); live tensors 752 MiB without,
       215 / 185 / 173 MiB with one / two / four blocks): the default is 3.
     * ``reference_parity``: reproduce the reference where se3t chooses differently (see README,
       "Reference parity"): the final conv's self-interaction is then added on every edge before the sum.
@@ -132,11 +133,11 @@ class SE3Transformer(nn.Module):
             basis.edge_frames()  # made once here, then selected per block (not remade per block and recompute)
         num_nodes = next(iter(feats.values())).shape[0]
         num_blocks = max(1, min(self.low_memory_blocks, edge_index.shape[1] // LOW_MEMORY_MIN_BLOCK_EDGES))
-        blocks = destination_blocks(edge_index, num_nodes, num_blocks)
+        blocks = destination_blocks(edge_index, num_nodes, num_blocks) if num_blocks > 1 else []
         # A layer is a graph module with the norms after it (their inputs would be one more stored copy).
         starts = [i for i, m in enumerate(self.graph_modules) if not isinstance(m, NormSE3)]
         for start, stop in zip(starts, starts[1:] + [len(self.graph_modules)]):
-            if len(blocks) == 1:
+            if len(blocks) <= 1:  # the whole graph is one block: no selection of edges
                 feats = checkpoint(self._run_modules, start, stop, feats, edge_feats, radial_in, edge_index, basis,
                                    use_reentrant=False)
                 continue
