@@ -8,6 +8,8 @@
     python -m benchmarks compare A.json B.json [--out FILE]
     python -m benchmarks readme-table RESULT.json
     python -m benchmarks report RESULT.json          # re-render the Markdown table and the plots
+    python -m benchmarks pack-data --batch-sizes 240 --out FILE.pt   # real QM9 batches for a machine without it
+    python -m benchmarks qm9 --data saved --data-file FILE.pt ...
 """
 from __future__ import annotations
 
@@ -99,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "batch shape, before the timed steps) or off,on (default off)")
         d = s.add_argument_group("model and data")
         d.add_argument("--model", choices=("paper", "tiny"), default="paper", help="qm9: the paper model or a tiny one")
-        d.add_argument("--data", choices=("qm9", "synthetic"), default="qm9",
-                       help="qm9: real QM9 via se3t_data; synthetic: molecule-like random graphs")
+        d.add_argument("--data", choices=("qm9", "synthetic", "saved"), default="qm9",
+                       help="qm9: real QM9 via se3t_data; synthetic: molecule-like random graphs; saved: the "
+                            "batches `pack-data` wrote to --data-file")
+        d.add_argument("--data-file", type=Path, default=None, help="--data saved: the file `pack-data` wrote")
         d.add_argument("--data-root", default=None, help="se3t_data QM9 root (default: its cache folder)")
         d.add_argument("--num-batches", type=int, default=4, help="distinct random batches cycled per cell")
         d.add_argument("--no-equivariance", action="store_true", help="skip the per-cell equivariance check")
@@ -117,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, default=None, help="write the Markdown here instead of stdout")
     r = sub.add_parser("readme-table", help="the README's Markdown results table from a result file")
     r.add_argument("result", type=Path)
+    pk = sub.add_parser("pack-data", help="save random real QM9 batches to one file, for --data saved on a "
+                                          "machine without se3t_data's extras or the QM9 cache (a lent GPU)")
+    pk.add_argument("--batch-sizes", type=_csv(int), required=True)
+    pk.add_argument("--num-batches", type=int, default=4)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--data-root", default=None)
+    pk.add_argument("--out", type=Path, required=True)
     rep = sub.add_parser("report", help="re-render a result file's Markdown table and plots next to it")
     rep.add_argument("result", type=Path)
     return p
@@ -244,6 +255,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .report import readme_table
 
         sys.stdout.write(readme_table(json.loads(args.result.read_text()), source=str(args.result)))
+        return 0
+    if args.command == "pack-data":
+        from .data import pack_batches
+        from .suite import log
+
+        pack_batches(args.out, args.batch_sizes, args.num_batches, seed=args.seed, root=args.data_root)
+        log(f"wrote {args.out} ({args.out.stat().st_size / 2 ** 20:.1f} MiB)")
         return 0
     if args.command == "report":
         from .report import markdown, plot

@@ -3,6 +3,8 @@
 * :func:`qm9_batches` - random real QM9 batches from ``se3t_data`` (bucketed padded batches, train split).
 * :func:`synthetic_molecule_batches` - molecule-like graphs (~18 atoms, ~37 directed bonds per molecule) for
   machines without the data set and for the smoke test.
+* :func:`pack_batches` / :func:`load_packed_batches` - those QM9 batches saved to one file and read back, for a
+  machine without the data set's extras (a lent GPU).
 * :func:`point_cloud` - uniform-density random points in a cube with a radius graph (``se3t.graph``).
 """
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["qm9_batches", "synthetic_molecule_batches", "point_cloud", "from_padded_batch"]
+__all__ = ["qm9_batches", "synthetic_molecule_batches", "point_cloud", "from_padded_batch", "pack_batches",
+           "load_packed_batches"]
 
 
 def from_padded_batch(batch, y_mean: float = 0.0, y_std: float = 1.0) -> dict:
@@ -50,6 +53,27 @@ def qm9_batches(batch_size: int, num_batches: int, seed: int = 0, root: Optional
             "buckets": [list(c) for c in sampler.buckets.capacities], "sampler_seed": seed,
             "load_seconds": getattr(ds, "load_seconds", None)}
     return batches, eq, info
+
+
+def pack_batches(path, batch_sizes: List[int], num_batches: int, seed: int = 0, root: Optional[str] = None) -> None:
+    """Save :func:`qm9_batches` for each batch size to one ``torch.save`` file (tensors and plain values only), so
+    a machine without ase, rdkit or the QM9 cache (a lent GPU) measures the same real batches."""
+    packed = {int(bs): qm9_batches(bs, num_batches, seed=seed, root=root) for bs in batch_sizes}
+    torch.save({"format": "se3t-benchmark-batches-v1", "batches": packed}, path)
+
+
+def load_packed_batches(path, batch_size: int, num_batches: int) -> Tuple[List[dict], dict, dict]:
+    """The first ``num_batches`` batches of ``batch_size`` molecules from a :func:`pack_batches` file, with its
+    equivariance batch and data description (``source`` stays ``qm9``; ``packed_file`` names the file)."""
+    packed = torch.load(path, weights_only=True)
+    if not isinstance(packed, dict) or packed.get("format") != "se3t-benchmark-batches-v1":
+        raise SystemExit(f"{path} is not a file written by `python -m benchmarks pack-data`")
+    if batch_size not in packed["batches"]:
+        raise SystemExit(f"{path} holds batch sizes {sorted(packed['batches'])}, not {batch_size}")
+    batches, eq, info = packed["batches"][batch_size]
+    if len(batches) < num_batches:
+        raise SystemExit(f"{path} holds {len(batches)} batches of {batch_size}, fewer than --num-batches {num_batches}")
+    return batches[:num_batches], eq, dict(info, packed_file=str(path))
 
 
 def _molecule(gen: torch.Generator, num_atoms: int):

@@ -3,19 +3,24 @@
 #   1. parity on the device in float64, outputs and gradients: FULL == NONE (positions included) and
 #      EDGE_FRAME == NONE (features and parameters), with the kernel's one-row blocks in both orders, and the
 #      model's equivariance error in float32;
-#   2. the paper model at batch 240 on molecule-like synthetic batches (real QM9 needs ase + the 63 MB cache, which
-#      the device image lacks): EDGE_FRAME (the default) and FULL, fp32 / TF32 / fp16 / bf16 autocast, low_memory
-#      off/on for EDGE_FRAME, training and inference.
+#   2. the paper model at batch 240: EDGE_FRAME (the default) and FULL, fp32 / TF32 / fp16 / bf16 autocast,
+#      low_memory off/on for EDGE_FRAME, training and inference. On real QM9 batches when DATA_FILE names a file of
+#      `python -m benchmarks pack-data` (the device image lacks ase and the 63 MB cache; carry the ~2 MB file), else
+#      on molecule-like synthetic batches.
 # Uses the image's own python3 (torch, e3nn, numpy, matplotlib are there); nothing is installed.
 # Usage (repository root): OUT=/path sh benchmarks/device_run.sh     Env: DEVICE (cuda), BATCH (240), REPEATS (20),
-# MODEL (paper), NAME (gpu-qm9-synthetic). Results: $OUT/$NAME.{json,md,png} and $OUT/parity.txt.
+# MODEL (paper), NAME (gpu-qm9 or gpu-qm9-synthetic), DATA_FILE (none), CELL_TIMEOUT (240).
+# Results: $OUT/$NAME.{json,md,png} and $OUT/parity.txt.
 set -eu
 OUT=${OUT:-benchmarks/results}
 DEVICE=${DEVICE:-cuda}
 BATCH=${BATCH:-240}
 REPEATS=${REPEATS:-20}
 MODEL=${MODEL:-paper}
-NAME=${NAME:-gpu-qm9-synthetic}
+DATA_FILE=${DATA_FILE:-}
+if [ -n "$DATA_FILE" ]; then DATA="--data saved --data-file $DATA_FILE"; NAME=${NAME:-gpu-qm9}
+else DATA="--data synthetic"; NAME=${NAME:-gpu-qm9-synthetic}; fi
+CELL_TIMEOUT=${CELL_TIMEOUT:-240}
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
@@ -70,6 +75,6 @@ print("parity ok")
 EOF
 cat "$OUT/parity.txt"
 
-"$PY" -m benchmarks qm9 --device "$DEVICE" --data synthetic --model "$MODEL" --batch-sizes "$BATCH" --levels EDGE_FRAME,FULL \
+"$PY" -m benchmarks qm9 --device "$DEVICE" $DATA --model "$MODEL" --batch-sizes "$BATCH" --levels EDGE_FRAME,FULL \
     --low-memory-levels EDGE_FRAME --precisions fp32,tf32,fp16,bf16 --low-memory off,on --scatter-backends torch --warmup 3 --repeats "$REPEATS" \
-    --num-batches 4 --cell-timeout 240 --out "$OUT" --name "$NAME"
+    --num-batches 4 --cell-timeout "$CELL_TIMEOUT" --out "$OUT" --name "$NAME"

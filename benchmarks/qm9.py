@@ -27,8 +27,12 @@ TINY_CONFIG = dict(fiber_in={0: 6}, fiber_out={0: 8}, fiber_edge={0: 4}, num_deg
 
 
 def load_batches(args, batch_size: int):
-    from .data import qm9_batches, synthetic_molecule_batches
+    from .data import load_packed_batches, qm9_batches, synthetic_molecule_batches
 
+    if args.data == "saved":
+        if args.data_file is None:
+            raise SystemExit("--data saved needs --data-file (written by `python -m benchmarks pack-data`)")
+        return load_packed_batches(args.data_file, batch_size, args.num_batches)
     if args.data == "qm9":
         try:
             return qm9_batches(batch_size, args.num_batches, seed=args.seed, root=args.data_root)
