@@ -52,7 +52,8 @@ def wigner_D(degree: int, R: Tensor) -> Tensor:
 
 def rotate_features(features: Mapping[int, Tensor], R: Tensor) -> Dict[int, Tensor]:
     """Rotate ``{d: [..., C, 2d+1]}``: ``x @ D_d(R).T`` on the component axis."""
-    return {d: (x.to(torch.float64) @ wigner_D(d, R).T).to(x.dtype) for d, x in features.items()}
+    R = R.detach().to("cpu", torch.float64)  # the small Wigner matrices are made on CPU, then sent to each x
+    return {d: (x.to(torch.float64) @ wigner_D(d, R).T.to(x.device)).to(x.dtype) for d, x in features.items()}
 
 
 def _as_dict(out: Union[Tensor, Features], output_degree: Optional[int]) -> Dict[int, Tensor]:
@@ -81,7 +82,7 @@ def equivariance_error(fn: Callable[..., Union[Tensor, Features]], node_feats: F
     for _ in range(num_rotations):
         R = random_rotation(gen)
         t = torch.randn(3, generator=gen, dtype=torch.float64) * 3 if translate else torch.zeros(3, dtype=torch.float64)
-        pos_g = (pos.to(torch.float64) @ R.T + t).to(pos.dtype)
+        pos_g = (pos.to(torch.float64) @ R.T.to(pos.device) + t.to(pos.device)).to(pos.dtype)
         with torch.no_grad():
             out_g = _as_dict(fn(rotate_features(node_feats, R), pos_g, rotate_features(edge_feats, R)), output_degree)
         expected = rotate_features(reference, R)
