@@ -160,6 +160,39 @@ def _first_step_per_shape(step: Callable[[int], None], batches: List[dict], devi
             "first_steps_total_s": sum(seconds)}
 
 
+def _graphed_step(mode: str, run_model, kind: str, dev_batches: List[dict], inputs: List[dict], precision: str,
+                  dev: torch.device, opt, scaler):
+    """The cell's step with the forward (train: + L1 loss + backward) replayed by a :class:`se3t.CUDAGraphStep`;
+    the optimizer (and GradScaler) step eagerly. Returns ``(step, graphed)``."""
+    if mode == "train":
+        def forward_backward(inp: dict, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            # the eager cell's L1 loss over real outputs, without boolean indexing (a host sync)
+            with precision_context(precision, dev):
+                pred = run_model(**inp).float().reshape(-1)
+            loss = ((pred - y.float()).abs() * mask).sum() / mask.sum().clamp_min(1)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            return loss.detach()
+
+        graphed = se3t.CUDAGraphStep(forward_backward, params=list(run_model.parameters()))
+
+        def step(i: int) -> None:
+            b = dev_batches[i]
+            graphed(inputs[i], b["y"], b["graph_mask"] if kind == "pooled" else b["node_mask"])
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        return step, graphed
+
+    def forward(inp: dict) -> torch.Tensor:
+        with torch.inference_mode(), precision_context(precision, dev):
+            return run_model(**inp)
+
+    graphed = se3t.CUDAGraphStep(forward)
+    return (lambda i: graphed(inputs[i])), graphed
+
+
 def _nbytes(tensors) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
 
@@ -190,10 +223,15 @@ def accuracy_cell(*, kind: str, config: dict, eq_batch: dict, precision: str, fu
 def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optional[dict], mode: str, fuse_level: str,
               precision: str, low_memory: bool, scatter_backend: str, device: str, warmup: int, repeats: int,
               max_seconds: Optional[float] = None, seed: int = 0, item: str = "graphs",
-              measure_gemm: bool = True, gemm_size: int = 2048, compile_model: bool = False) -> Dict:
+              measure_gemm: bool = True, gemm_size: int = 2048, compile_model: bool = False,
+              cuda_graphs: bool = False) -> Dict:
     """Measure one cell: ``mode`` ``"train"`` (forward + L1 loss + backward + AdamW step) or ``"infer"``;
-    ``compile_model``: time ``torch.compile(model, dynamic=False)`` (see the module docstring)."""
+    ``compile_model``: time ``torch.compile(model, dynamic=False)`` (see the module docstring); ``cuda_graphs``:
+    replay the forward (+ loss + backward) as a :class:`se3t.CUDAGraphStep`, one graph per padded batch shape
+    captured before the timed steps; the optimizer steps eagerly."""
     dev = torch.device(device)
+    if cuda_graphs and (dev.type != "cuda" or low_memory or compile_model):
+        raise ValueError("cuda_graphs needs a CUDA device, low_memory off and compile off")
     model = build_model(kind, config, fuse_level, low_memory, seed).to(dev)
     result: Dict = {"num_parameters": sum(p.numel() for p in model.parameters())}
     with se3t.scatter.use_backend(scatter_backend), _fresh_compile_cache(compile_model):
@@ -208,7 +246,7 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
             opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999), weight_decay=0.1)
             scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
 
-            def step(i: int) -> None:
+            def eager_step(i: int) -> None:
                 b = dev_batches[i]
                 opt.zero_grad(set_to_none=True)
                 with precision_context(precision, dev):
@@ -225,10 +263,14 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
         else:
             model.eval()
 
-            def step(i: int) -> None:
+            def eager_step(i: int) -> None:
                 with torch.inference_mode(), precision_context(precision, dev):  # compiles under it too
                     run_model(**inputs[i])
 
+        step = eager_step
+        if cuda_graphs:
+            step, graphed = _graphed_step(mode, run_model, kind, dev_batches, inputs, precision, dev,
+                                          opt if training else None, scaler if training else None)
         if measure_gemm:  # the machine's GEMM rate now, in this process and precision: the utilisation ceiling
             result["gemm"] = gemm_rate(precision, dev, n=gemm_size, repeats=3)
         memory = PeakMemory(dev)
@@ -236,6 +278,9 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
         if compile_model:
             stats = _first_step_per_shape(step, dev_batches, dev)
             before = _dynamo_counts()
+        if cuda_graphs:  # capture every shape's graph before timing (counted in peak memory)
+            result["cuda_graph_stats"] = dict(_first_step_per_shape(step, dev_batches, dev),
+                                              graphs=graphed.num_graphs)
         timing = time_steps(step, len(dev_batches), warmup=warmup, repeats=repeats, device=dev,
                             max_seconds=max_seconds)
         result["memory"] = memory.stop()

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="levels measured with low_memory=on (default: the model's default level; 'all')")
         f.add_argument("--scatter-backends", type=_csv(), default=None, help="default: every se3t.scatter backend; quick: torch")
         f.add_argument("--modes", type=_csv(), default=None, help="train,infer (default both)")
+        f.add_argument("--cuda-graphs", type=_csv(_onoff), default=None,
+                       help="qm9 on CUDA: off (eager), on (se3t.CUDAGraphStep: the forward, loss and backward replayed "
+                            "as one CUDA graph per padded batch shape; the optimizer steps eagerly) or off,on "
+                            "(default off)")
         f.add_argument("--compile", type=_csv(_onoff), default=None,
                        help="qm9: off (eager), on (torch.compile(model, dynamic=False): one compilation per padded "
                             "batch shape, before the timed steps) or off,on (default off)")
@@ -142,6 +146,8 @@ def _defaults(args, suite: str, device: torch.device) -> None:
         args.warmup = 1 if quick else 2
     if args.compile is None:
         args.compile = [False]
+    if getattr(args, "cuda_graphs", None) is None:
+        args.cuda_graphs = [False]
     if args.cell_timeout is None:  # compiling the paper model takes minutes per batch shape on a few CPU cores
         args.cell_timeout = (900.0 if any(args.compile) else 300.0) if quick else 1800.0
     if args.precisions is None:
@@ -180,7 +186,7 @@ def _defaults(args, suite: str, device: torch.device) -> None:
 def _settings(args) -> dict:
     keep = ("device", "threads", "repeats", "warmup", "quick", "seed", "cell_timeout", "max_cell_seconds",
             "mem_limit_gb", "max_step_seconds", "levels", "precisions", "batch_sizes", "low_memory", "low_memory_levels",
-            "compile", "scatter_backends", "modes", "model", "data", "num_batches", "sizes", "degree_points",
+            "compile", "cuda_graphs", "scatter_backends", "modes", "model", "data", "num_batches", "sizes", "degree_points",
             "max_degree", "neighbours", "peer_depth", "gemm_size")
     s = {k: getattr(args, k, None) for k in keep}
     s["isolated_cells"] = not args.no_isolate

@@ -6,11 +6,13 @@
 #   2. the paper model at batch 240: EDGE_FRAME (the default) and FULL, fp32 / TF32 / fp16 / bf16 autocast,
 #      low_memory off/on for EDGE_FRAME, training and inference. On real QM9 batches when DATA_FILE names a file of
 #      `python -m benchmarks pack-data` (the device image lacks ase and the 63 MB cache; carry the ~2 MB file), else
-#      on molecule-like synthetic batches.
+#      on molecule-like synthetic batches. Each cell eager and replayed as CUDA graphs (se3t.CUDAGraphStep).
+#   0. first, the GPU tests (tests/test_cuda_graphs.py: graph replay == eager), when pytest is there.
 # Uses the image's own python3 (torch, e3nn, numpy, matplotlib are there); nothing is installed.
 # Usage (repository root): OUT=/path sh benchmarks/device_run.sh     Env: DEVICE (cuda), BATCH (240), REPEATS (20),
-# MODEL (paper), NAME (gpu-qm9 or gpu-qm9-synthetic), DATA_FILE (none), CELL_TIMEOUT (240).
-# Results: $OUT/$NAME.{json,md,png} and $OUT/parity.txt.
+# MODEL (paper), NAME (gpu-qm9 or gpu-qm9-synthetic), DATA_FILE (none), CELL_TIMEOUT (240), and to run less:
+# PRECISIONS (fp32,tf32,fp16,bf16), LEVELS (EDGE_FRAME,FULL), LOW_MEMORY (off,on), GRAPHS (off,on), PARITY (1),
+# TESTS (1), EXTRA (more benchmark arguments, e.g. --no-plots). Results: $OUT/$NAME.{json,md,png}, $OUT/parity.txt and $OUT/gpu-tests.txt.
 set -eu
 OUT=${OUT:-benchmarks/results}
 DEVICE=${DEVICE:-cuda}
@@ -21,10 +23,20 @@ DATA_FILE=${DATA_FILE:-}
 if [ -n "$DATA_FILE" ]; then DATA="--data saved --data-file $DATA_FILE"; NAME=${NAME:-gpu-qm9}
 else DATA="--data synthetic"; NAME=${NAME:-gpu-qm9-synthetic}; fi
 CELL_TIMEOUT=${CELL_TIMEOUT:-240}
+PRECISIONS=${PRECISIONS:-fp32,tf32,fp16,bf16}
+LEVELS=${LEVELS:-EDGE_FRAME,FULL}
+LOW_MEMORY=${LOW_MEMORY:-off,on}
+GRAPHS=${GRAPHS:-off,on}
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 
+if [ "${TESTS:-1}" = 1 ]; then  # a failing GPU test is reported, and the measurements still run
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/gpu-tests.txt" 2>&1 || true
+    tail -n 25 "$OUT/gpu-tests.txt"
+fi
+
+parity() {
 "$PY" - "$DEVICE" > "$OUT/parity.txt" 2>&1 <<'EOF' || { cat "$OUT/parity.txt"; exit 1; }
 import sys
 import torch
@@ -74,7 +86,9 @@ assert all(v < 1e-4 for v in err.values()), err
 print("parity ok")
 EOF
 cat "$OUT/parity.txt"
+}
+if [ "${PARITY:-1}" = 1 ]; then parity; fi
 
-"$PY" -m benchmarks qm9 --device "$DEVICE" $DATA --model "$MODEL" --batch-sizes "$BATCH" --levels EDGE_FRAME,FULL \
-    --low-memory-levels EDGE_FRAME --precisions fp32,tf32,fp16,bf16 --low-memory off,on --scatter-backends torch --warmup 3 --repeats "$REPEATS" \
-    --num-batches 4 --cell-timeout "$CELL_TIMEOUT" --out "$OUT" --name "$NAME"
+"$PY" -m benchmarks qm9 --device "$DEVICE" $DATA --model "$MODEL" --batch-sizes "$BATCH" --levels "$LEVELS" \
+    --low-memory-levels EDGE_FRAME --precisions "$PRECISIONS" --low-memory "$LOW_MEMORY" --cuda-graphs "$GRAPHS" \
+    --scatter-backends torch --warmup 3 --repeats "$REPEATS" --num-batches 4 --cell-timeout "$CELL_TIMEOUT" --out "$OUT" --name "$NAME" ${EXTRA:-}

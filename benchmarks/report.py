@@ -8,10 +8,10 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["markdown", "plot", "compare", "readme_table", "cell_key", "fmt_bytes", "utilisation"]
 
-_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "compile", "batch_size",
+_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "compile", "cuda_graphs", "batch_size",
                "scatter_backend", "sweep", "num_points", "max_degree")
 #: key fields left out of the key at this value: result files written before the field existed match these cells.
-_KEY_DEFAULTS = {"compile": False}
+_KEY_DEFAULTS = {"compile": False, "cuda_graphs": False}
 
 
 def cell_key(cell: dict) -> Tuple:
@@ -88,9 +88,10 @@ def _header(result: dict) -> List[str]:
     return lines + [""]
 
 
-def _row_common(c: dict, compile_column: bool = False) -> List[str]:
+def _row_common(c: dict, compile_column: bool = False, graphs_column: bool = False) -> List[str]:
     return [c.get("mode") or "-", c.get("fuse_level") or "-", c.get("precision") or "-", _lowmem(c.get("low_memory"))] \
         + ([_lowmem(c.get("compile"))] if compile_column else []) \
+        + ([_lowmem(c.get("cuda_graphs"))] if graphs_column else []) \
         + [str(c.get("batch_size") or "-"), c.get("scatter_backend") or "-"]
 
 
@@ -104,7 +105,9 @@ def _footnote(cell: dict) -> str:
 
 def _cells_table(result: dict) -> List[str]:
     compiled = _any_compiled(result)  # the compile column only in runs with compiled cells
+    graphed = any(c.get("cuda_graphs") for c in result["cells"])  # likewise the CUDA graphs column
     cols = (["mode", "level", "precision", "low-mem"] + (["compile"] if compiled else [])
+            + (["CUDA graphs"] if graphed else [])
             + ["batch", "scatter", "status", "throughput", "median ms", "p90 ms", "p99 ms", "peak mem", "mem growth",
                "act. growth", "live peak", "GFLOP/s", "% GEMM", "% GEMM (ref-fused)", "equiv. err", "dev vs fp32",
                "load"])
@@ -122,7 +125,7 @@ def _cells_table(result: dict) -> List[str]:
         fl = (c.get("flops") or {}).get("pairwise") or {}
         eq = c.get("equivariance") or {}
         u, uf = utilisation(c, result), utilisation(c, result, "fused")
-        row = _row_common(c, compiled) + [
+        row = _row_common(c, compiled, graphed) + [
             c["status"] if ok else f"{c['status']} ({_footnote(c)})",
             f"{_num(tp.get('value'))} {tp.get('unit', '')}" if ok else "-",
             _ms(lat.get("median")), _ms(lat.get("p90")), _ms(lat.get("p99")),

@@ -95,7 +95,8 @@ def run_cells(result: dict, cells: List[Cell], *, isolate: bool, threads: int, t
         record = {k: cell.get(k) for k in CELL_KEYS}
         record.update({k: v for k, v in cell.items() if k not in ("func", "kwargs") and k not in CELL_KEYS})
         label = " ".join(f"{k}={cell.get(k)}" for k in ("mode", "fuse_level", "precision", "low_memory",
-                                                           "compile", "batch_size", "scatter_backend", "label")
+                                                           "compile", "cuda_graphs", "batch_size", "scatter_backend",
+                                                           "label")
                          if cell.get(k) is not None)
         if cell.get("status") in (None, "ok"):
             t0 = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Features are dicts ``{degree: Tensor[N, C, 2d+1]}``; graphs are ``edge_index [2, E]`` (src, dst).
 """
-from . import graph, scatter, testing
+from . import cuda_graphs, graph, scatter, testing
 from .basis import Basis, get_basis
+from .cuda_graphs import CUDAGraphStep
 from .fiber import Features, Fiber
 from .model import SE3Transformer, SE3TransformerPooled
 from .nn import RADIAL_SHARING, AttentionBlockSE3, ConvSE3, FuseLevel, GraphPooling, LinearSE3, NormSE3
@@ -24,6 +25,8 @@ __all__ = [
     "GraphPooling",
     "SE3Transformer",
     "SE3TransformerPooled",
+    "CUDAGraphStep",
+    "cuda_graphs",
     "scatter",
     "graph",
     "testing",

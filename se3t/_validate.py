@@ -1,12 +1,55 @@
-"""Input checks shared by the layers: clear errors naming the argument, never a crash deep inside."""
+"""Input checks shared by the layers: clear errors naming the argument, never a crash deep inside.
+
+Checks of values (ranges, NaN) need the values on the host: a synchronisation, which CUDA graph capture forbids.
+While :func:`deferred_checks` records (``se3t.cuda_graphs`` captures under it), such a check becomes a device flag
+and its message, verified after each replay; under ``torch.compile``, or a capture nobody records, it is skipped.
+"""
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import contextlib
+import threading
+from typing import Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .fiber import Fiber, degree_to_dim
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[List[Tuple[Tensor, str]]]:
+    """Record the value checks of the code run inside as ``(ok, message)`` (``ok`` a 0-dim bool tensor, computed
+    on the device without a host synchronisation) instead of making them; yields the list they go to."""
+    previous = getattr(_recording, "checks", None)
+    _recording.checks = checks = []
+    try:
+        yield checks
+    finally:
+        _recording.checks = previous
+
+
+def value_check_mode(t: Tensor) -> str:
+    """How a value check of ``t`` runs now: ``"now"`` (host sync), ``"defer"`` (:func:`deferred_checks` records)
+    or ``"skip"`` (tracing under ``torch.compile``, or a CUDA graph capture without a recorder)."""
+    if getattr(_recording, "checks", None) is not None:
+        return "defer"
+    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return "skip"
+    return "now"
+
+
+def defer_check(ok: Tensor, message: str) -> None:
+    """Record a device-side check (:func:`deferred_checks`): ``ok`` must hold after the recorded work ran."""
+    _recording.checks.append((ok.reshape(()).to(torch.bool), message))
+
+
+def raise_failed_checks(checks: List[Tuple[Tensor, str]], flags: Tensor) -> None:
+    """Raise ``ValueError`` with the message of the first recorded check whose flag in ``flags [n]`` is False."""
+    failed = [message for (_, message), ok in zip(checks, flags.tolist()) if not ok]
+    if failed:
+        raise ValueError(failed[0] + (f" (and {len(failed) - 1} more failed checks)" if len(failed) > 1 else ""))
 
 
 def check_features(features: Mapping[int, Tensor], fiber: Fiber, num_rows: Optional[int], name: str) -> None:
@@ -36,7 +79,11 @@ def check_edge_index(edge_index: Tensor, num_nodes: int) -> None:
         raise TypeError(f"edge_index must be int64, got {edge_index.dtype}")
     if edge_index.dim() != 2 or edge_index.shape[0] != 2:
         raise ValueError(f"edge_index must have shape [2, E] (src, dst), got {list(edge_index.shape)}")
-    if edge_index.numel() and not torch.compiler.is_compiling():
+    mode = value_check_mode(edge_index)
+    if edge_index.numel() and mode == "defer":
+        defer_check((edge_index.min() >= 0) & (edge_index.max() < num_nodes),
+                    f"edge_index values must lie in [0, {num_nodes}) for {num_nodes} nodes")
+    elif edge_index.numel() and mode == "now":
         lo, hi = int(edge_index.min()), int(edge_index.max())
         if lo < 0 or hi >= num_nodes:
             raise ValueError(f"edge_index values must lie in [0, {num_nodes}) for {num_nodes} nodes, "
@@ -50,7 +97,10 @@ def check_pos(pos: Tensor) -> None:
         raise TypeError(f"pos must be floating point, got {pos.dtype}")
     if pos.dim() != 2 or pos.shape[1] != 3:
         raise ValueError(f"pos must have shape [N, 3], got {list(pos.shape)}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(pos).all()):
+    mode = value_check_mode(pos)
+    if mode == "defer":
+        defer_check(torch.isfinite(pos).all(), "pos contains NaN or infinite coordinates")
+    elif mode == "now" and not bool(torch.isfinite(pos).all()):
         raise ValueError("pos contains NaN or infinite coordinates")
 
 
@@ -60,11 +110,18 @@ def check_graph_index(graph_index: Tensor, num_nodes: int, num_graphs: Optional[
         raise TypeError(f"graph_index must be an int64 tensor, got {getattr(graph_index, 'dtype', type(graph_index))}")
     if graph_index.dim() != 1 or graph_index.shape[0] != num_nodes:
         raise ValueError(f"graph_index must have shape [{num_nodes}] (one graph per node), got {list(graph_index.shape)}")
+    mode = value_check_mode(graph_index)
     if num_graphs is None:
         if num_nodes == 0:
             raise ValueError("cannot infer num_graphs from an empty graph_index; pass num_graphs")
+        if mode == "defer" or (mode == "skip" and not torch.compiler.is_compiling()):
+            raise ValueError("pass num_graphs: it cannot be read from graph_index under CUDA graph capture (a host "
+                             "synchronisation)")
         num_graphs = int(graph_index.max()) + 1
-    if not torch.compiler.is_compiling() and num_nodes:
+    if mode == "defer" and num_nodes:
+        defer_check((graph_index.min() >= 0) & (graph_index.max() < num_graphs),
+                    f"graph_index values must lie in [0, {num_graphs})")
+    elif mode == "now" and num_nodes:
         lo, hi = int(graph_index.min()), int(graph_index.max())
         if lo < 0 or hi >= num_graphs:
             raise ValueError(f"graph_index values must lie in [0, {num_graphs}), got range [{lo}, {hi}]")

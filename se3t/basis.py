@@ -87,9 +87,8 @@ def spherical_harmonics(rel_pos: Tensor, max_J: int) -> Tensor:
     sh = o3.spherical_harmonics(list(range(max_J + 1)), unit_dir, normalize=False, normalization="integral")
     if max_J > 0:
         # Degrees J > 0 are homogeneous polynomials of the direction: 0 at the zero vector.
-        keep = torch.ones(sh.shape[-1], dtype=torch.bool, device=sh.device)
-        keep[1:] = False
-        sh = torch.where(is_zero & ~keep, torch.zeros_like(sh), sh)
+        higher = torch.arange(sh.shape[-1], device=sh.device) > 0  # no element writes: capturable in CUDA graphs
+        sh = torch.where(is_zero & higher, torch.zeros_like(sh), sh)
     return sh
 
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from e3nn import o3
 from torch import Tensor
+
+from ._validate import defer_check, value_check_mode
 
 __all__ = ["EdgeFrames", "edge_frames", "so2_coefficients", "frame_rows", "num_slots"]
 
@@ -90,12 +92,25 @@ def _rotation_terms(l: int, axis: int) -> Tensor:
     return torch.linalg.solve(_trig(theta, l), D.reshape(2 * l + 1, -1))
 
 
+_rotation_terms_on: Dict[Tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _rotation_terms_like(l: int, axis: int, like: Tensor) -> Tensor:
+    """:func:`_rotation_terms` in ``like``'s dtype and device, copied there once (no host-to-device copy per call,
+    which CUDA graph capture would refuse)."""
+    key = (l, axis, like.dtype, like.device)
+    if key not in _rotation_terms_on:
+        with torch.inference_mode(False):
+            _rotation_terms_on[key] = _rotation_terms(l, axis).to(like.device, like.dtype)
+    return _rotation_terms_on[key]
+
+
 def _wigner(l: int, alpha: Tensor, beta: Tensor) -> Tensor:
     """e3nn's ``wigner_D(l, alpha, beta, 0)`` (``[E, 2l+1, 2l+1]``, in the angles' dtype) without its matrix
     exponentials."""
     L = 2 * l + 1
-    about_y = (_trig(alpha, l) @ _rotation_terms(l, 0).to(alpha.device, alpha.dtype)).view(-1, L, L)
-    about_x = (_trig(beta, l) @ _rotation_terms(l, 1).to(alpha.device, alpha.dtype)).view(-1, L, L)
+    about_y = (_trig(alpha, l) @ _rotation_terms_like(l, 0, alpha)).view(-1, L, L)
+    about_x = (_trig(beta, l) @ _rotation_terms_like(l, 1, alpha)).view(-1, L, L)
     return torch.bmm(about_y, about_x)
 
 
@@ -113,13 +128,19 @@ def edge_frames(harmonics: Tensor, max_degree: int) -> Optional[EdgeFrames]:
     norm = direction.norm(dim=1, keepdim=True)
     # A zero direction (padding, or a zero-length edge's Y_0-only harmonics) gets the polar axis: padding still
     # matches (scale 0), a zero-length edge does not (it has no frame).
-    unit = torch.where(norm > 0, direction / norm.clamp_min(1e-300), direction.new_tensor([0.0, 1.0, 0.0]))
+    polar = (torch.arange(3, device=sh.device) == 1).to(sh.dtype).view(1, 3)  # made on the device: capturable
+    unit = torch.where(norm > 0, direction / norm.clamp_min(1e-300), polar)
     x, y, z = unit.unbind(1)
     alpha, beta = torch.atan2(x, z), torch.atan2(torch.hypot(x, z), y)
     rebuilt = scale[:, None] * o3.spherical_harmonics(list(range(2 * max_degree + 1)), unit, normalize=False,
                                                       normalization="integral")
-    if sh.shape[0] and (rebuilt - sh).abs().max() > HARMONICS_TOLERANCE * max(1.0, scale.abs().max().item()):
+    mode = value_check_mode(sh) if sh.shape[0] else "skip"
+    if mode == "now" and (rebuilt - sh).abs().max() > HARMONICS_TOLERANCE * max(1.0, scale.abs().max().item()):
         return None
+    if mode == "defer":  # no fallback to the basis path inside a CUDA graph: the replay reports such edges
+        defer_check((rebuilt - sh).abs().max() <= HARMONICS_TOLERANCE * scale.abs().max().clamp_min(1.0),
+                    "some edge has no edge frame (a zero-length edge: coincident points); the EDGE_FRAME level "
+                    "cannot fall back to the basis path inside a CUDA graph: use fuse_level FULL or drop such edges")
     live = (scale > 0).to(sh.dtype).view(-1, 1, 1)
     rot = [_wigner(l, alpha, beta) * live for l in range(max_degree + 1)]
     back = [(r * scale.view(-1, 1, 1)).transpose(1, 2).contiguous() for r in rot]
