@@ -7,7 +7,7 @@
 #      low_memory off/on for EDGE_FRAME, training and inference. On real QM9 batches when DATA_FILE names a file of
 #      `python -m benchmarks pack-data` (the device image lacks ase and the 63 MB cache; carry the ~2 MB file), else
 #      on molecule-like synthetic batches. Each cell eager and replayed as CUDA graphs (se3t.CUDAGraphStep).
-#   0. first, the GPU tests (tests/test_cuda_graphs.py: graph replay == eager), when pytest is there.
+#   0. first, the GPU tests (tests/test_cuda_graphs.py and `se3t train --cuda_graphs`: graph replay == eager).
 # Uses the image's own python3 (torch, e3nn, numpy, matplotlib are there); nothing is installed.
 # Usage (repository root): OUT=/path sh benchmarks/device_run.sh     Env: DEVICE (cuda), BATCH (240), REPEATS (20),
 # MODEL (paper), NAME (gpu-qm9 or gpu-qm9-synthetic), DATA_FILE (none), CELL_TIMEOUT (240), and to run less:
@@ -32,7 +32,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 
 if [ "${TESTS:-1}" = 1 ]; then  # a failing GPU test is reported, and the measurements still run
-    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/gpu-tests.txt" 2>&1 || true
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py \
+        tests/runtime/test_training.py::test_cuda_graphs_training_equals_eager > "$OUT/gpu-tests.txt" 2>&1 || true
     tail -n 25 "$OUT/gpu-tests.txt"
 fi
 

@@ -11,7 +11,7 @@ import se3t
 from se3t import CUDAGraphStep, Fiber, FuseLevel, SE3TransformerPooled
 from se3t._validate import deferred_checks, raise_failed_checks, value_check_mode
 
-from core_helpers import random_graph
+from core_helpers import HostSyncDetector, random_graph
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -90,6 +90,35 @@ def test_graph_index_needs_num_graphs_when_recorded():
     inputs["num_graphs"] = None
     with deferred_checks(), pytest.raises(ValueError, match="pass num_graphs"):
         model(**inputs)
+
+
+@pytest.mark.parametrize("level", list(FuseLevel))
+def test_model_step_is_free_of_host_syncs_once_warm(level):
+    """What capture forbids, checked on CPU: after a warm-up call (lazily made constants), a recorded forward and
+    backward read no value on the host and make no tensor from Python data, at every level. Degrees 0-3 (every
+    kernel order and block of the paper model)."""
+    torch.manual_seed(0)
+    model = SE3TransformerPooled(Fiber({0: 3}), Fiber({0: 8}), Fiber({0: 2}), num_degrees=4, num_channels=4,
+                                 num_layers=2, num_heads=2, fuse_level=level)
+    inputs = _inputs()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with deferred_checks():
+            model(**inputs).square().sum().backward()
+
+    step()
+    with HostSyncDetector() as detector:
+        step()
+    assert detector.found == []
+
+
+def test_host_sync_detector_sees_what_capture_refuses():
+    with HostSyncDetector() as detector:
+        torch.zeros(3).sum().item()
+        torch.tensor([1.0, 2.0])
+        torch.arange(4)[torch.arange(4) > 1]
+    assert {op for op, _ in detector.found} >= {"_local_scalar_dense", "lift_fresh", "nonzero"}
 
 
 def test_cuda_graph_step_argument_errors():

@@ -121,7 +121,7 @@ def _train(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
         save_ckpt_path=args.save_ckpt_path, num_workers=args.num_workers, benchmark=args.benchmark,
         benchmark_warmup=args.benchmark_warmup, show_progress=not args.silent)
     trainer = Trainer(model, train, val, collate, target=target, options=options, policy=policy, dist=dist,
-                      config=config, metrics=metrics, compile_model=args.compile)
+                      config=config, metrics=metrics, compile_model=args.compile, cuda_graphs=args.cuda_graphs)
     if resume_state is not None:
         trainer.resume(resume_state, args.load_ckpt_path)
         p = trainer.progress

@@ -33,8 +33,21 @@ def forward_batch(model: torch.nn.Module, batch, policy: PrecisionPolicy) -> tup
 def standardised_abs_error(model, batch, policy: PrecisionPolicy, target: TargetInfo) -> torch.Tensor:
     """Sum over the batch's real graphs of |prediction - (y - mean) / std| (the L1 loss's numerator)."""
     pred, mask = forward_batch(model, batch, policy)
-    y = batch.y.to(pred.device, torch.float32).reshape(-1)
-    y_std = (y - target.mean) / target.std
+    return _masked_abs_error(pred, batch.y, mask, target)
+
+
+def inputs_abs_error(model, inputs: dict, y: torch.Tensor, graph_mask: torch.Tensor, policy: PrecisionPolicy,
+                     target: TargetInfo) -> torch.Tensor:
+    """:func:`standardised_abs_error` from the batch's parts (``model_inputs()``, ``y``, ``graph_mask``): plain
+    tensors and values, as :class:`se3t.CUDAGraphStep` takes them; no host synchronisation."""
+    with policy.autocast():
+        out = model(**inputs)
+    pred = out.float().reshape(out.shape[0], -1)[:, 0]
+    return _masked_abs_error(pred, y, graph_mask.to(torch.bool), target)
+
+
+def _masked_abs_error(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, target: TargetInfo) -> torch.Tensor:
+    y_std = (y.to(pred.device, torch.float32).reshape(-1) - target.mean) / target.std
     # where(), not multiplication by the mask: padded slots may hold NaN targets without poisoning the sum.
     return torch.where(mask, (pred - y_std).abs(), torch.zeros_like(pred)).sum()
 

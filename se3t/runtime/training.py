@@ -20,7 +20,7 @@ from .build import TargetInfo
 from .checkpoint import capture_rng_state, load_model_state, restore_rng_state, save_checkpoint, unwrap_model
 from .data import EpochPlan
 from .distributed import DistInfo, all_reduce_sum, sync_context
-from .engine import StepTimer, _loader, evaluate_mae, standardised_abs_error
+from .engine import StepTimer, _loader, evaluate_mae, inputs_abs_error, standardised_abs_error
 from .errors import TrainingDiverged, UserError
 from .metrics import MetricsLogger, log, progress
 from .optim import build_optimizer, build_scheduler
@@ -76,7 +76,7 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, train_set, val_set, collate: Callable, *, target: TargetInfo,
                  options: TrainOptions, policy: PrecisionPolicy, dist: DistInfo, config: dict[str, Any],
-                 metrics: MetricsLogger | None = None, compile_model: bool = False,
+                 metrics: MetricsLogger | None = None, compile_model: bool = False, cuda_graphs: bool = False,
                  on_step_end: Callable[["Trainer"], None] | None = None):
         self.options, self.policy, self.dist, self.target = options, policy, dist, target
         self.train_set, self.val_set, self.collate = train_set, val_set, collate
@@ -103,6 +103,31 @@ class Trainer:
         if len(train_set) < dist.world_size:
             raise UserError(f"the training set has {len(train_set)} molecules, fewer than the {dist.world_size} "
                             "processes")
+        self.graphed = self._graphed_step() if cuda_graphs else None
+
+    def _graphed_step(self):
+        """Forward, loss and backward of a step as a CUDA graph per padded batch shape (``--cuda_graphs``); the
+        optimizer, clipping, the NaN guard and the scaler's step stay eager."""
+        o, dist = self.options, self.dist
+        problem = ("needs a CUDA device, got " + str(dist.device) if dist.device.type != "cuda" else
+                   "runs one process (DDP's gradient all-reduce is not captured)" if dist.distributed else
+                   "needs --accumulate_grad_batches 1 (a replay writes the gradients, it does not add)"
+                   if o.accumulate_grad_batches != 1 else
+                   "and --compile are separate modes" if self.model is not self.module else
+                   "cannot capture --low_memory (its blocks are sized on the host)"
+                   if getattr(getattr(self.module, "transformer", self.module), "low_memory", False) else None)
+        if problem:
+            raise UserError(f"--cuda_graphs {problem}")
+        from ..cuda_graphs import CUDAGraphStep  # noqa: PLC0415
+
+        def forward_backward(inputs: dict, y: torch.Tensor, graph_mask: torch.Tensor) -> torch.Tensor:
+            err = inputs_abs_error(self.model, inputs, y, graph_mask, self.policy, self.target)
+            # one process, no accumulation: the step's molecules are the batch's real graphs
+            scaled = err / graph_mask.sum().clamp_min(1)
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            return err.detach()
+
+        return CUDAGraphStep(forward_backward, params=list(self.module.parameters()), max_graphs=64)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -183,6 +208,18 @@ class Trainer:
             self.optimizer.step()
         return loss
 
+    def _eager_forward_backward(self, batch, mb) -> torch.Tensor:
+        """Forward, loss and backward of one micro-batch; returns its summed error (before scaling)."""
+        with sync_context(self.model, mb.last_of_step):
+            err = standardised_abs_error(self.model, batch, self.policy, self.target)
+            # DDP averages gradients over ranks; scaling by world/step_molecules makes the result the
+            # gradient of (sum of errors over the whole step) / (molecules of the whole step).
+            scaled = err * (self.dist.world_size / mb.step_molecules)
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
+        return err
+
     def train_epoch(self, plan: EpochPlan) -> _EpochStats:
         o, dist = self.options, self.dist
         stats = _EpochStats()
@@ -198,14 +235,10 @@ class Trainer:
             self.timer.restart()  # steps are timed end to end, data loading included (as the reference does)
         for mb, batch in zip(micro, loader):
             batch = batch.to(dist.device)
-            with sync_context(self.model, mb.last_of_step):
-                err = standardised_abs_error(self.model, batch, self.policy, self.target)
-                # DDP averages gradients over ranks; scaling by world/step_molecules makes the result the
-                # gradient of (sum of errors over the whole step) / (molecules of the whole step).
-                scaled = err * (dist.world_size / mb.step_molecules)
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
+            if self.graphed is not None:  # replays leave this batch's gradients in p.grad
+                err = self.graphed(batch.model_inputs(), batch.y, batch.graph_mask)
+            else:
+                err = self._eager_forward_backward(batch, mb)
             loss_sum = loss_sum + err.detach()
             if not mb.last_of_step:
                 continue

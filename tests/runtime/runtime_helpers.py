@@ -35,13 +35,15 @@ class SimpleBatch:
 
 
 class SyntheticMolecules(torch.utils.data.Dataset):
-    """Random small molecules (3-6 atoms, fully connected) with a smooth invariant target."""
+    """Random small molecules (3-6 atoms, or ``same_size`` atoms each; fully connected) with a smooth invariant
+    target."""
 
-    def __init__(self, n: int, seed: int = 0, nan_at: int | None = None):
+    def __init__(self, n: int, seed: int = 0, nan_at: int | None = None, same_size: int | None = None):
         g = torch.Generator().manual_seed(seed)
         self.items = []
         for i in range(n):
             k = int(torch.randint(3, 7, (1,), generator=g))
+            k = same_size or k
             pos = torch.randn(k, 3, generator=g) * 1.5
             z = torch.randint(0, 5, (k,), generator=g)
             src, dst = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from runtime_helpers import TINY, SyntheticMolecules, collate, target_of
+from se3t.runtime.errors import UserError
 from se3t.runtime import (DistInfo, Precision, PrecisionPolicy, Trainer, TrainingDiverged, TrainOptions,
                           build_model, load_checkpoint)
 
@@ -141,3 +142,53 @@ def test_optimizers_and_gradient_clip(optimizer):
     assert any(not torch.equal(before[k], v) for k, v in params(trainer).items())
     # cosine decay per epoch down to lr / 10
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
+
+
+def test_cuda_graphs_option_is_checked():
+    train = SyntheticMolecules(8)
+    with pytest.raises(UserError, match="--cuda_graphs needs a CUDA device"):
+        Trainer(build_model(TINY), train, None, collate, target=target_of(train), options=TrainOptions(epochs=1),
+                policy=FP32, dist=DistInfo(), config={}, cuda_graphs=True)
+
+
+def test_graphed_loss_is_the_eager_loss_without_host_syncs():
+    """The function --cuda_graphs captures (inputs_abs_error) computes the eager loss, and once warm it reads no
+    value on the host and makes no tensor from Python data (what capture refuses, checked on CPU)."""
+    from core_helpers import HostSyncDetector
+
+    from se3t._validate import deferred_checks
+    from se3t.runtime.engine import inputs_abs_error, standardised_abs_error
+
+    train = SyntheticMolecules(6)
+    model, batch, target = build_model(TINY), collate([train[i] for i in range(6)]), target_of(train)
+    expected = standardised_abs_error(model, batch, FP32, target)
+    inputs_abs_error(model, batch.model_inputs(), batch.y, batch.graph_mask, FP32, target)  # warm
+    with deferred_checks(), HostSyncDetector() as detector:
+        err = inputs_abs_error(model, batch.model_inputs(), batch.y, batch.graph_mask, FP32, target)
+        err.backward()
+    assert detector.found == []
+    torch.testing.assert_close(err, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_training_equals_eager():
+    """Two epochs of --cuda_graphs training == eager on the GPU (molecules of one size: batches of one shape,
+    the last one smaller: two graphs)."""
+    train = SyntheticMolecules(40, same_size=4)
+    results = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(build_model(TINY), train, None, collate, target=target_of(train),
+                          options=TrainOptions(epochs=2, batch_size=16, learning_rate=3e-3, seed=7,
+                                               show_progress=False),
+                          policy=PrecisionPolicy(Precision.FP32, "cuda"), dist=DistInfo(device=torch.device("cuda")),
+                          config={"model": TINY.to_dict()}, cuda_graphs=graphs)
+        trainer.fit()
+        results.append((trainer.loss_history, params(trainer)))
+        if graphs:
+            assert trainer.graphed.num_graphs == 2
+    (loss_e, p_e), (loss_g, p_g) = results
+    assert loss_g == pytest.approx(loss_e, rel=1e-4)
+    for k in p_e:
+        torch.testing.assert_close(p_g[k], p_e[k], rtol=1e-4, atol=1e-5)
