@@ -179,6 +179,7 @@ class Basis(Mapping):
         self._offsets, self._widths = _layout(max_degree)
         self._kernel_major: Dict[Pair, Tensor] = {}
         self._frames: Optional[Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]] = None
+        self._from_edge_vectors = False  # harmonics made by get_basis (see se3t.edge_frame.edge_frames)
         for d_in, block in self._blocks.items():
             expected = (degree_to_dim(d_in), self._widths[d_in])
             if block.dim() != 3 or tuple(block.shape[1:]) != expected:
@@ -299,7 +300,7 @@ class Basis(Mapping):
             return self._frames
         sh = self._harmonics
         with torch.inference_mode(False):  # normal tensors (no gradient): usable under either mode later
-            frames = None if sh is None else edge_frames(sh, self.max_degree)
+            frames = None if sh is None else edge_frames(sh, self.max_degree, self._from_edge_vectors)
         self._frames = (frames, {})  # rows are made on first use (frame_rows)
         return self._frames
 
@@ -355,6 +356,7 @@ class Basis(Mapping):
         has already made are selected with it, not made again."""
         if self._harmonics is not None:
             out = Basis.from_harmonics(self._harmonics.index_select(0, edges), self.max_degree, self._degrees)
+            out._from_edge_vectors = self._from_edge_vectors
         else:
             out = Basis({d: b.index_select(0, edges) for d, b in self._blocks.items()}, self.max_degree)
         if self._frames is not None:
@@ -393,4 +395,6 @@ def get_basis(rel_pos: Tensor, max_degree: int, input_degrees: Optional[Sequence
         raise ValueError(f"max_degree must be >= 0, got {max_degree}")
     with torch.autocast(device_type=rel_pos.device.type, enabled=False):
         sh = spherical_harmonics(rel_pos, 2 * max_degree)
-    return Basis.from_harmonics(sh, max_degree, input_degrees)
+    basis = Basis.from_harmonics(sh, max_degree, input_degrees)
+    basis._from_edge_vectors = True
+    return basis

@@ -115,10 +115,14 @@ def _wigner(l: int, alpha: Tensor, beta: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def edge_frames(harmonics: Tensor, max_degree: int) -> Optional[EdgeFrames]:
+def edge_frames(harmonics: Tensor, max_degree: int, from_edge_vectors: bool = False) -> Optional[EdgeFrames]:
     """The frames of edges whose harmonics ``[E, (2*max_degree+1)**2]`` are ``s * Y(r̂)`` (``s >= 0``; ``s = 0``:
     padding), or ``None`` when some edge's are not (zero-length edges). Computed in float64 (float32 on MPS,
-    which has no float64), returned in the harmonics' dtype (at least float32)."""
+    which has no float64), returned in the harmonics' dtype (at least float32).
+
+    ``from_edge_vectors``: the harmonics are :func:`se3t.basis.spherical_harmonics` of edge vectors (what
+    :func:`se3t.basis.get_basis` makes), so only a zero-length edge (``Y_0`` with a zero direction) can lack a
+    frame: that is checked instead of rebuilding every degree from the direction (hundreds of small kernels)."""
     sh = harmonics.detach().to(torch.float32 if harmonics.device.type == "mps" else torch.float64)
     dtype = torch.promote_types(harmonics.dtype, torch.float32)
     scale = sh[:, 0] * math.sqrt(4 * math.pi)  # Y_0 = 1/sqrt(4 pi)
@@ -132,15 +136,20 @@ def edge_frames(harmonics: Tensor, max_degree: int) -> Optional[EdgeFrames]:
     unit = torch.where(norm > 0, direction / norm.clamp_min(1e-300), polar)
     x, y, z = unit.unbind(1)
     alpha, beta = torch.atan2(x, z), torch.atan2(torch.hypot(x, z), y)
-    rebuilt = scale[:, None] * o3.spherical_harmonics(list(range(2 * max_degree + 1)), unit, normalize=False,
-                                                      normalization="integral")
     mode = value_check_mode(sh) if sh.shape[0] else "skip"
-    if mode == "now" and (rebuilt - sh).abs().max() > HARMONICS_TOLERANCE * max(1.0, scale.abs().max().item()):
-        return None
-    if mode == "defer":  # no fallback to the basis path inside a CUDA graph: the replay reports such edges
-        defer_check((rebuilt - sh).abs().max() <= HARMONICS_TOLERANCE * scale.abs().max().clamp_min(1.0),
-                    "some edge has no edge frame (a zero-length edge: coincident points); the EDGE_FRAME level "
-                    "cannot fall back to the basis path inside a CUDA graph: use fuse_level FULL or drop such edges")
+    if mode != "skip":
+        if from_edge_vectors:
+            ok = ~((scale != 0) & (norm[:, 0] == 0)).any()
+        else:
+            rebuilt = scale[:, None] * o3.spherical_harmonics(list(range(2 * max_degree + 1)), unit,
+                                                              normalize=False, normalization="integral")
+            ok = (rebuilt - sh).abs().max() <= HARMONICS_TOLERANCE * scale.abs().max().clamp_min(1.0)
+        if mode == "now" and not bool(ok):
+            return None
+        if mode == "defer":  # no fallback to the basis path inside a CUDA graph: the replay reports such edges
+            defer_check(ok, "some edge has no edge frame (a zero-length edge: coincident points); the EDGE_FRAME "
+                            "level cannot fall back to the basis path inside a CUDA graph: use fuse_level FULL or "
+                            "drop such edges")
     live = (scale > 0).to(sh.dtype).view(-1, 1, 1)
     rot = [_wigner(l, alpha, beta) * live for l in range(max_degree + 1)]
     back = [(r * scale.view(-1, 1, 1)).transpose(1, 2).contiguous() for r in rot]

@@ -56,8 +56,10 @@ class HostSyncDetector(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if any(name.startswith(op) for op in self.OPS):
+        masked = name in ("index", "index_put", "index_put_") and any(  # boolean-mask indexing: a nonzero inside
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        if masked or any(name.startswith(op) for op in self.OPS):
             frames = [f"{f.filename.split('/se3t/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack()
                       if "/se3t/" in f.filename and "/tests/" not in f.filename]
-            self.found.append((name, frames[-1] if frames else "?"))
+            self.found.append(("nonzero" if masked else name, frames[-1] if frames else "?"))
         return func(*args, **(kwargs or {}))

@@ -88,6 +88,27 @@ def test_frames_padding_scale_and_zero_length_edges():
     assert blocks.harmonics is None and blocks.edge_frames() is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frames_of_get_basis_skip_the_rebuild_and_agree_with_it(dtype):
+    """get_basis's harmonics are made from edge vectors: their frames are checked for zero-length edges only
+    (no rebuild of every degree), and equal the frames of the same harmonics checked in full."""
+    rel = torch.randn(9, 3, dtype=dtype)
+    basis = get_basis(rel, 3)
+    assert basis._from_edge_vectors
+    fast, full = basis.edge_frames(), edge_frames(basis.harmonics, 3)
+    for a, b in zip(fast.rot + fast.back, full.rot + full.back):
+        assert torch.equal(a, b)
+    assert basis.select(torch.tensor([2, 0]))._from_edge_vectors
+    # what users hand in is checked in full: the same numbers through from_harmonics, or mapped by apply()
+    assert not Basis.from_harmonics(basis.harmonics, 3)._from_edge_vectors
+    assert not basis.apply(lambda t: t * 1.0)._from_edge_vectors
+    noisy = basis.harmonics.clone()
+    noisy[0, 5] += 1e-2
+    assert Basis.from_harmonics(noisy, 3).edge_frames() is None
+    rel[4] = 0.0
+    assert get_basis(rel, 3).edge_frames() is None  # a zero-length edge: no frame, on the fast check too
+
+
 FIBER_IN = Fiber({0: 3, 1: 2, 2: 2, 3: 1})
 
 

@@ -145,25 +145,35 @@ class EdgeFramePlan:
             self._block_maps[spec.row] = entries
 
     def _block_constants(self, dtype: torch.dtype, device: torch.device) -> Dict[int, List[Tuple[Tensor, ...]]]:
-        """Per block: ``(T[slots] [S, F], the pair's parameter rows (f, o, c), the slots' rows in the block)`` for
-        each pair it reads, on ``device`` (made once per dtype and device)."""
+        """Per block: its pairs in groups of one shape (slots, frequencies, rows per slot), each group as
+        ``(T[slots] [n, S, F], the pairs' parameter rows (pair, f, o, c), their slots' rows in the block)``, on
+        ``device`` (made once per dtype and device). A group maps with one gather, one ``bmm`` and one scatter
+        whatever its number of pairs: on a GPU every op is a kernel launch (30 pairs, 10 groups per conv here)."""
         key = (dtype, device)
         if key not in self._block_coefficients:
             Ts, perm = self._constants(dtype, device)
             with torch.inference_mode(False):
-                self._block_coefficients[key] = {
-                    row: [(Ts[p][slots].contiguous(), perm[self._pairs[p][0]:self._pairs[p][0] + self._pairs[p][1]],
-                           where.to(device)) for p, slots, where in entries]
-                    for row, entries in self._block_maps.items()}
+                constants = {}
+                for row, entries in self._block_maps.items():
+                    groups: Dict[Tuple[int, int, int], List[Tuple[Tensor, Tensor, Tensor]]] = {}
+                    for p, slots, where in entries:
+                        start, size = self._pairs[p][:2]
+                        T = Ts[p][slots]
+                        groups.setdefault((T.shape[0], T.shape[1], size // T.shape[1]), []).append(
+                            (T, perm[start:start + size], where.to(device)))
+                    constants[row] = [(torch.stack([g[0] for g in group]).contiguous(),
+                                       torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group]))
+                                      for group in groups.values()]
+                self._block_coefficients[key] = constants
         return self._block_coefficients[key]
 
     def block_weights(self, W: Tensor, row: int) -> Tensor:
         """The kernel weights of the block starting at kernel row ``row``: ``apply(W)[rows[row:row + n]]``
         (:class:`se3t.nn.fused.WeightMap`), made from the pairs it reads, ``T[slots] @ W_pair`` each."""
-        entries = self._block_constants(W.dtype, W.device)[row]
-        out = W.new_empty(sum(where.numel() for _, _, where in entries), W.shape[1])
-        for T, param_rows, where in entries:
-            part = torch.mm(T, W.index_select(0, param_rows).view(T.shape[1], -1))  # [S, (o, c, h)]
+        groups = self._block_constants(W.dtype, W.device)[row]
+        out = W.new_empty(sum(where.numel() for _, _, where in groups), W.shape[1])
+        for T, param_rows, where in groups:  # T [n, S, F]; W_pair rows (f, (o, c)) -> slot rows (s, (o, c))
+            part = torch.bmm(T, W.index_select(0, param_rows).view(T.shape[0], T.shape[2], -1))
             out.index_copy_(0, where, part.view(-1, W.shape[1]))
         return out
 
@@ -171,7 +181,7 @@ class EdgeFramePlan:
         """``out += adjoint(G)`` for the ``G`` that is ``grad`` at the rows of the block starting at kernel row
         ``row`` and zero elsewhere: ``T[slots]^T @ grad_pair`` added at each pair's parameter rows."""
         for T, param_rows, where in self._block_constants(grad.dtype, grad.device)[row]:
-            part = torch.mm(T.t(), grad.index_select(0, where).view(T.shape[0], -1))  # [F, (o, c, h)]
+            part = torch.bmm(T.transpose(1, 2), grad.index_select(0, where).view(T.shape[0], T.shape[1], -1))
             out.index_add_(0, param_rows, part.view(-1, grad.shape[1]))
 
     def _constants(self, dtype: torch.dtype, device: torch.device) -> Tuple[List[Tensor], Tensor]:
