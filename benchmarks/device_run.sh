@@ -12,7 +12,8 @@
 # Usage (repository root): OUT=/path sh benchmarks/device_run.sh     Env: DEVICE (cuda), BATCH (240), REPEATS (20),
 # MODEL (paper), NAME (gpu-qm9 or gpu-qm9-synthetic), DATA_FILE (none), CELL_TIMEOUT (240), and to run less:
 # PRECISIONS (fp32,tf32,fp16,bf16), LEVELS (EDGE_FRAME,FULL), LOW_MEMORY (off,on), GRAPHS (off,on), PARITY (1),
-# TESTS (1), EXTRA (more benchmark arguments, e.g. --no-plots). Results: $OUT/$NAME.{json,md,png}, $OUT/parity.txt and $OUT/gpu-tests.txt.
+# TESTS (1), EXTRA (more benchmark arguments, e.g. --no-plots).
+# Results: $OUT/$NAME.{json,md,png}, $OUT/parity.txt and $OUT/gpu-tests.txt.
 set -eu
 OUT=${OUT:-benchmarks/results}
 DEVICE=${DEVICE:-cuda}
@@ -92,4 +93,5 @@ if [ "${PARITY:-1}" = 1 ]; then parity; fi
 
 "$PY" -m benchmarks qm9 --device "$DEVICE" $DATA --model "$MODEL" --batch-sizes "$BATCH" --levels "$LEVELS" \
     --low-memory-levels EDGE_FRAME --precisions "$PRECISIONS" --low-memory "$LOW_MEMORY" --cuda-graphs "$GRAPHS" \
-    --scatter-backends torch --warmup 3 --repeats "$REPEATS" --num-batches 4 --cell-timeout "$CELL_TIMEOUT" --out "$OUT" --name "$NAME" ${EXTRA:-}
+    --scatter-backends torch --warmup 3 --repeats "$REPEATS" --num-batches 4 --cell-timeout "$CELL_TIMEOUT" \
+    --out "$OUT" --name "$NAME" ${EXTRA:-}

@@ -8,8 +8,8 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["markdown", "plot", "compare", "readme_table", "cell_key", "fmt_bytes", "utilisation"]
 
-_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "compile", "cuda_graphs", "batch_size",
-               "scatter_backend", "sweep", "num_points", "max_degree")
+_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "compile", "cuda_graphs",
+               "batch_size", "scatter_backend", "sweep", "num_points", "max_degree")
 #: key fields left out of the key at this value: result files written before the field existed match these cells.
 _KEY_DEFAULTS = {"compile": False, "cuda_graphs": False}
 
