@@ -4,7 +4,7 @@ Features are dicts ``{degree: Tensor[N, C, 2d+1]}``; graphs are ``edge_index [2,
 """
 from . import cuda_graphs, graph, scatter, testing
 from .basis import Basis, get_basis
-from .cuda_graphs import CUDAGraphStep
+from .cuda_graphs import CUDAGraphStep, HostSyncDetector
 from .fiber import Features, Fiber
 from .model import SE3Transformer, SE3TransformerPooled
 from .nn import RADIAL_SHARING, AttentionBlockSE3, ConvSE3, FuseLevel, GraphPooling, LinearSE3, NormSE3
@@ -26,6 +26,7 @@ __all__ = [
     "SE3Transformer",
     "SE3TransformerPooled",
     "CUDAGraphStep",
+    "HostSyncDetector",
     "cuda_graphs",
     "scatter",
     "graph",

@@ -23,15 +23,21 @@ Gradients: the step may call ``backward()``; pass ``params`` and each replay lea
 """
 from __future__ import annotations
 
+import enum
+import traceback
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._validate import deferred_checks, raise_failed_checks
 
-__all__ = ["CUDAGraphStep"]
+__all__ = ["CUDAGraphStep", "HostSyncDetector"]
+
+#: non-tensor inputs a graph's signature may hold (compared by value)
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
 
 
 class _Captured:
@@ -139,9 +145,32 @@ def _leaf_key(position: int, leaf: Any) -> Tuple:
         if leaf.device.type != "cuda":
             raise ValueError(f"CUDAGraphStep needs CUDA tensors: input {position} is on {leaf.device}")
         return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad)
-    try:
-        hash(leaf)
-    except TypeError:
-        raise TypeError(f"CUDAGraphStep inputs must be tensors or hashable values (part of the graph's signature); "
-                        f"input {position} is a {type(leaf).__name__}") from None
+    if not isinstance(leaf, _PLAIN):
+        raise TypeError(f"CUDAGraphStep inputs are tensors and plain values (int, float, bool, str, None, dtype, "
+                        f"device) in tuples, lists and dicts; input {position} is a {type(leaf).__name__} (pass "
+                        f"its tensors, e.g. a PaddedBatch's model_inputs(), y and graph_mask)")
     return ("value", leaf)
+
+
+class HostSyncDetector(TorchDispatchMode):
+    """``with HostSyncDetector() as d: fn()`` lists in ``d.found`` the ops of ``fn`` that CUDA graph capture refuses
+    and a CPU run can see: reading a value on the host (``.item()``, ``int(t)``, ``bool(t)``, ``nonzero``, boolean-mask
+    indexing) and tensors made from Python data (``torch.tensor``, ``new_tensor``: on a GPU, a host-to-device copy).
+    Each entry is ``(op, innermost frame outside torch)``. Run ``fn`` once before (lazily made constants are made
+    once, outside any graph). It cannot see copies of existing CPU tensors to a device: on CPU there are none."""
+
+    OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "lift_fresh", "masked_select", "unique", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.found: List[Tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masked = name in ("index", "index_put", "index_put_") and any(  # boolean-mask indexing: a nonzero inside
+            isinstance(i, Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        if masked or any(name.startswith(op) for op in self.OPS):
+            frames = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack()
+                      if "/torch/" not in f.filename and not f.filename.endswith("cuda_graphs.py")]
+            self.found.append(("nonzero" if masked else name, frames[-1] if frames else "?"))
+        return func(*args, **(kwargs or {}))

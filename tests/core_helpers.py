@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import pathlib
-import traceback
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from se3t import Fiber
 
@@ -41,25 +39,3 @@ def set_kernel_order(monkeypatch, order: str) -> None:
     monkeypatch.setattr(fused, "ONE_ROW_OUTER", order == "outer")
     monkeypatch.setattr(fused, "ONE_ROW_OUTER_MIN_RATIO", 0)
 
-
-class HostSyncDetector(TorchDispatchMode):
-    """Records the ops that CUDA graph capture refuses and a CPU run can still see: reading a value on the host
-    (``.item()``, ``int(t)``, ``bool(t)``, ``nonzero`` / boolean-mask indexing) and tensors made from Python data
-    (``torch.tensor``, ``new_tensor``; on a GPU a host-to-device copy). ``found`` lists ``(op, se3t frame)``.
-    (Copies of existing CPU tensors to a device are invisible on CPU; the GPU tests cover those.)"""
-
-    OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "lift_fresh", "masked_select", "unique", "equal")
-
-    def __init__(self):
-        super().__init__()
-        self.found = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        masked = name in ("index", "index_put", "index_put_") and any(  # boolean-mask indexing: a nonzero inside
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
-        if masked or any(name.startswith(op) for op in self.OPS):
-            frames = [f"{f.filename.split('/se3t/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack()
-                      if "/se3t/" in f.filename and "/tests/" not in f.filename]
-            self.found.append(("nonzero" if masked else name, frames[-1] if frames else "?"))
-        return func(*args, **(kwargs or {}))

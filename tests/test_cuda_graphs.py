@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import se3t
-from se3t import CUDAGraphStep, Fiber, FuseLevel, SE3TransformerPooled
+from se3t import CUDAGraphStep, Fiber, FuseLevel, HostSyncDetector, SE3TransformerPooled
 from se3t._validate import deferred_checks, raise_failed_checks, value_check_mode
 
-from core_helpers import HostSyncDetector, random_graph
+from core_helpers import random_graph
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -129,11 +129,13 @@ def test_cuda_graph_step_argument_errors():
     step = CUDAGraphStep(lambda x: x)
     with pytest.raises(ValueError, match="CUDA tensors: input 0 is on cpu"):
         step(torch.zeros(2))
-    class Unhashable:
-        __hash__ = None
+    class Batch:  # an object of the user's: its identity would make a new graph per batch
+        pass
 
-    with pytest.raises(TypeError, match="hashable"):
-        step(Unhashable())
+    with pytest.raises(TypeError, match="input 0 is a Batch .*model_inputs"):
+        step(Batch())
+    with pytest.raises(TypeError, match="input 1 is a object"):  # ints are plain values; the object is not
+        step(1, object())
     assert step.num_graphs == 0
 
 

@@ -154,8 +154,7 @@ def test_cuda_graphs_option_is_checked():
 def test_graphed_loss_is_the_eager_loss_without_host_syncs():
     """The function --cuda_graphs captures (inputs_abs_error) computes the eager loss, and once warm it reads no
     value on the host and makes no tensor from Python data (what capture refuses, checked on CPU)."""
-    from core_helpers import HostSyncDetector
-
+    from se3t import HostSyncDetector
     from se3t._validate import deferred_checks
     from se3t.runtime.engine import inputs_abs_error, standardised_abs_error
 
