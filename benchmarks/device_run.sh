@@ -1,32 +1,35 @@
 #!/bin/sh
-# One run on a lent GPU machine (issue 7), prepared and tried on CPU so that device minutes go to measuring:
+# One run on a lent GPU machine (issue 7), prepared and tried on CPU so that device minutes go to measuring.
+# In order:
+#   0. the GPU tests (tests/test_cuda_graphs.py, and `se3t train --cuda_graphs` == eager);
 #   1. parity on the device in float64, outputs and gradients: FULL == NONE (positions included) and
-#      EDGE_FRAME == NONE (features and parameters), with the kernel's one-row blocks in both orders, and the
-#      model's equivariance error in float32;
-#   2. the paper model at batch 240: EDGE_FRAME (the default) and FULL, fp32 / TF32 / fp16 / bf16 autocast,
-#      low_memory off/on for EDGE_FRAME, training and inference. On real QM9 batches when DATA_FILE names a file of
-#      `python -m benchmarks pack-data` (the device image lacks ase and the 63 MB cache; carry the ~2 MB file), else
-#      on molecule-like synthetic batches. Each cell eager and replayed as CUDA graphs (se3t.CUDAGraphStep).
-#   0. first, the GPU tests (tests/test_cuda_graphs.py and `se3t train --cuda_graphs`: graph replay == eager).
-# Uses the image's own python3 (torch, e3nn, numpy, matplotlib are there); nothing is installed.
-# Usage (repository root): OUT=/path sh benchmarks/device_run.sh     Env: DEVICE (cuda), BATCH (240), REPEATS (20),
-# MODEL (paper), NAME (gpu-qm9 or gpu-qm9-synthetic), DATA_FILE (none), CELL_TIMEOUT (240), and to run less:
-# PRECISIONS (fp32,tf32,fp16,bf16), LEVELS (EDGE_FRAME,FULL), LOW_MEMORY (off,on), GRAPHS (off,on), PARITY (1),
-# TESTS (1), EXTRA (more benchmark arguments, e.g. --no-plots).
+#      EDGE_FRAME == NONE (features and parameters), in both kernel orders, and the model's float32 equivariance;
+#   2. the paper model at batch 240, training and inference, each cell eager and replayed as CUDA graphs
+#      (se3t.CUDAGraphStep). Real QM9 when DATA_FILE names a file of `python -m benchmarks pack-data --batch-sizes
+#      240 --out .devdata/qm9-240.pt` (the image lacks ase and the QM9 cache: carry `.devdata`), else synthetic
+#      molecule-like batches.
+# The default grid (bf16 and fp32, EDGE_FRAME and FULL, low_memory off: 16 cells) took ~13 s a cell on an H200,
+# ~4.5 minutes with the tests and parity: it fits a 15-minute lease with room for a rerun.
+# Uses the image's own python3 (torch, e3nn, numpy, matplotlib, pytest are there); nothing is installed.
+# Usage (repository root): OUT=/path DATA_FILE=.devdata/qm9-240.pt sh benchmarks/device_run.sh
+# Env: DEVICE (cuda), BATCH (240), REPEATS (10), MODEL (paper), NAME (gpu-qm9 or gpu-qm9-synthetic), DATA_FILE,
+# CELL_TIMEOUT (120), PRECISIONS (bf16,fp32; also tf32, fp16), LEVELS (EDGE_FRAME,FULL), LOW_MEMORY (off; on is
+# 2.6x slower on the GPU and not capturable), GRAPHS (off,on), PARITY (1), TESTS (1), EXTRA (more benchmark
+# arguments, e.g. --no-plots).
 # Results: $OUT/$NAME.{json,md,png}, $OUT/parity.txt and $OUT/gpu-tests.txt.
 set -eu
 OUT=${OUT:-benchmarks/results}
 DEVICE=${DEVICE:-cuda}
 BATCH=${BATCH:-240}
-REPEATS=${REPEATS:-20}
+REPEATS=${REPEATS:-10}
 MODEL=${MODEL:-paper}
 DATA_FILE=${DATA_FILE:-}
 if [ -n "$DATA_FILE" ]; then DATA="--data saved --data-file $DATA_FILE"; NAME=${NAME:-gpu-qm9}
 else DATA="--data synthetic"; NAME=${NAME:-gpu-qm9-synthetic}; fi
-CELL_TIMEOUT=${CELL_TIMEOUT:-240}
-PRECISIONS=${PRECISIONS:-fp32,tf32,fp16,bf16}
+CELL_TIMEOUT=${CELL_TIMEOUT:-120}
+PRECISIONS=${PRECISIONS:-bf16,fp32}
 LEVELS=${LEVELS:-EDGE_FRAME,FULL}
-LOW_MEMORY=${LOW_MEMORY:-off,on}
+LOW_MEMORY=${LOW_MEMORY:-off}
 GRAPHS=${GRAPHS:-off,on}
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
