@@ -104,10 +104,10 @@ class CUDAGraphStep:
                 if isinstance(leaf, Tensor) and buffer is not leaf:
                     buffer.copy_(leaf)
         captured.graph.replay()
+        if self.check_values and captured.flags is not None:  # before the gradients are handed out
+            raise_failed_checks(captured.checks, captured.flags.cpu())
         for p, g in zip(self.params, captured.grads):
             p.grad = g
-        if self.check_values and captured.flags is not None:
-            raise_failed_checks(captured.checks, captured.flags.cpu())
         return captured.outputs
 
     def _clear_grads(self) -> None:

@@ -38,4 +38,3 @@ def set_kernel_order(monkeypatch, order: str) -> None:
     from se3t.nn import fused
     monkeypatch.setattr(fused, "ONE_ROW_OUTER", order == "outer")
     monkeypatch.setattr(fused, "ONE_ROW_OUTER_MIN_RATIO", 0)
-
