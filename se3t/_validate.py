@@ -45,6 +45,21 @@ def defer_check(ok: Tensor, message: str) -> None:
     _recording.checks.append((ok.reshape(()).to(torch.bool), message))
 
 
+def check_index_range(index: Tensor, upper: int, what: str, detail: str = "") -> None:
+    """``0 <= index < upper`` for every entry, made now (a host sync), recorded, or skipped as
+    :func:`value_check_mode` says; the error names ``what`` (and ``detail``) and the range found."""
+    if not index.numel():
+        return
+    mode = value_check_mode(index)
+    message = f"{what} values must lie in [0, {upper}){detail}"
+    if mode == "defer":
+        defer_check((index.min() >= 0) & (index.max() < upper), message)
+    elif mode == "now":
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{message}, got range [{lo}, {hi}]")
+
+
 def raise_failed_checks(checks: List[Tuple[Tensor, str]], flags: Tensor) -> None:
     """Raise ``ValueError`` with the message of the first recorded check whose flag in ``flags [n]`` is False."""
     failed = [message for (_, message), ok in zip(checks, flags.tolist()) if not ok]
@@ -79,15 +94,7 @@ def check_edge_index(edge_index: Tensor, num_nodes: int) -> None:
         raise TypeError(f"edge_index must be int64, got {edge_index.dtype}")
     if edge_index.dim() != 2 or edge_index.shape[0] != 2:
         raise ValueError(f"edge_index must have shape [2, E] (src, dst), got {list(edge_index.shape)}")
-    mode = value_check_mode(edge_index)
-    if edge_index.numel() and mode == "defer":
-        defer_check((edge_index.min() >= 0) & (edge_index.max() < num_nodes),
-                    f"edge_index values must lie in [0, {num_nodes}) for {num_nodes} nodes")
-    elif edge_index.numel() and mode == "now":
-        lo, hi = int(edge_index.min()), int(edge_index.max())
-        if lo < 0 or hi >= num_nodes:
-            raise ValueError(f"edge_index values must lie in [0, {num_nodes}) for {num_nodes} nodes, "
-                             f"got range [{lo}, {hi}]")
+    check_index_range(edge_index, num_nodes, "edge_index", f" for {num_nodes} nodes")
 
 
 def check_pos(pos: Tensor) -> None:
@@ -110,19 +117,13 @@ def check_graph_index(graph_index: Tensor, num_nodes: int, num_graphs: Optional[
         raise TypeError(f"graph_index must be an int64 tensor, got {getattr(graph_index, 'dtype', type(graph_index))}")
     if graph_index.dim() != 1 or graph_index.shape[0] != num_nodes:
         raise ValueError(f"graph_index must have shape [{num_nodes}] (one graph per node), got {list(graph_index.shape)}")
-    mode = value_check_mode(graph_index)
     if num_graphs is None:
         if num_nodes == 0:
             raise ValueError("cannot infer num_graphs from an empty graph_index; pass num_graphs")
+        mode = value_check_mode(graph_index)
         if mode == "defer" or (mode == "skip" and not torch.compiler.is_compiling()):
             raise ValueError("pass num_graphs: it cannot be read from graph_index under CUDA graph capture (a host "
                              "synchronisation)")
         num_graphs = int(graph_index.max()) + 1
-    if mode == "defer" and num_nodes:
-        defer_check((graph_index.min() >= 0) & (graph_index.max() < num_graphs),
-                    f"graph_index values must lie in [0, {num_graphs})")
-    elif mode == "now" and num_nodes:
-        lo, hi = int(graph_index.min()), int(graph_index.max())
-        if lo < 0 or hi >= num_graphs:
-            raise ValueError(f"graph_index values must lie in [0, {num_graphs}), got range [{lo}, {hi}]")
+    check_index_range(graph_index, num_graphs, "graph_index")
     return num_graphs

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from ._validate import defer_check, value_check_mode
+from ._validate import check_index_range
 
 __all__ = [
     "WITH_TORCH_SCATTER",
@@ -90,13 +90,8 @@ def _validate(src: Tensor, index: Tensor, dim_size: int, check_range: bool) -> N
         raise ValueError(f"index has {index.shape[0]} entries but src has {src.shape[0]} rows")
     if not isinstance(dim_size, int) or dim_size < 0:
         raise ValueError(f"dim_size must be a non-negative int, got {dim_size!r}")
-    mode = value_check_mode(index) if check_range and index.numel() else "skip"
-    if mode == "defer":
-        defer_check((index.min() >= 0) & (index.max() < dim_size), f"scatter index values must lie in [0, {dim_size})")
-    elif mode == "now":
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= dim_size:
-            raise ValueError(f"index values must lie in [0, {dim_size}), got range [{lo}, {hi}]")
+    if check_range:
+        check_index_range(index, dim_size, "index")
 
 
 class _IndexAddSum(torch.autograd.Function):
