@@ -24,10 +24,14 @@ __all__ = ["forward_batch", "standardised_abs_error", "StepTimer", "evaluate_mae
 
 def forward_batch(model: torch.nn.Module, batch, policy: PrecisionPolicy) -> tuple[torch.Tensor, torch.Tensor]:
     """Model output for the real graphs of ``batch`` (fp32, ``[G]``) and their mask over the padded slots."""
+    return _predict(model, batch.model_inputs(), policy), batch.graph_mask.to(torch.bool)
+
+
+def _predict(model: torch.nn.Module, inputs: dict, policy: PrecisionPolicy) -> torch.Tensor:
+    """The model's first output per graph slot, in fp32: ``[G]``."""
     with policy.autocast():
-        out = model(**batch.model_inputs())
-    out = out.float().reshape(out.shape[0], -1)[:, 0]
-    return out, batch.graph_mask.to(torch.bool)
+        out = model(**inputs)
+    return out.float().reshape(out.shape[0], -1)[:, 0]
 
 
 def standardised_abs_error(model, batch, policy: PrecisionPolicy, target: TargetInfo) -> torch.Tensor:
@@ -40,10 +44,7 @@ def inputs_abs_error(model, inputs: dict, y: torch.Tensor, graph_mask: torch.Ten
                      target: TargetInfo) -> torch.Tensor:
     """:func:`standardised_abs_error` from the batch's parts (``model_inputs()``, ``y``, ``graph_mask``): plain
     tensors and values, as :class:`se3t.CUDAGraphStep` takes them; no host synchronisation."""
-    with policy.autocast():
-        out = model(**inputs)
-    pred = out.float().reshape(out.shape[0], -1)[:, 0]
-    return _masked_abs_error(pred, y, graph_mask.to(torch.bool), target)
+    return _masked_abs_error(_predict(model, inputs, policy), y, graph_mask.to(torch.bool), target)
 
 
 def _masked_abs_error(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, target: TargetInfo) -> torch.Tensor:
