@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -59,6 +60,7 @@ def pack_batches(path, batch_sizes: List[int], num_batches: int, seed: int = 0, 
     """Save :func:`qm9_batches` for each batch size to one ``torch.save`` file (tensors and plain values only), so
     a machine without ase, rdkit or the QM9 cache (a lent GPU) measures the same real batches."""
     packed = {int(bs): qm9_batches(bs, num_batches, seed=seed, root=root) for bs in batch_sizes}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"format": "se3t-benchmark-batches-v1", "batches": packed}, path)
 
 
