@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import se3t
 from se3t import Fiber
+from se3t.runtime.optim import fused_adamw_supported
 
 from .flops import model_flops
 from .machine import gemm_rate, precision_context, sync
@@ -243,7 +244,9 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
         training = mode == "train"
         if training:
             model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999), weight_decay=0.1)
+            params = list(model.parameters())  # AdamW's fused kernel where it runs (as se3t's trainer uses it)
+            opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.999), weight_decay=0.1,
+                                    fused=fused_adamw_supported(params) or None)
             scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
 
             def eager_step(i: int) -> None:

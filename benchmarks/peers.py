@@ -35,6 +35,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from se3t.runtime.optim import fused_adamw_supported
+
 from .machine import precision_context, sync
 from .runner import PeakMemory, latency_stats, time_steps
 from .suite import Cell, default_fuse_level
@@ -136,7 +138,9 @@ def lucidrains_cell(*, batches: List[dict], depth: int, mode: str, precision: st
     ys = [d["y"].to(dev) for d in dense]
     if mode == "train":
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999), weight_decay=0.1)
+        params = list(model.parameters())  # AdamW's fused kernel where it runs (as se3t's trainer uses it)
+        opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.999), weight_decay=0.1,
+                                fused=fused_adamw_supported(params) or None)
 
         def step(i: int) -> None:
             opt.zero_grad(set_to_none=True)

