@@ -97,6 +97,10 @@ class SE3Transformer(nn.Module):
                                radial=radials[-1], reference_parity=reference_parity))
         # Same interleaving and name as the reference so checkpoints map one to one.
         self.graph_modules = nn.ModuleList(modules)
+        if low_memory:  # the fused kernels too: one block's weights at a time
+            for m in self.graph_modules.modules():
+                if isinstance(m, ConvSE3):
+                    m.blockwise_kernel = True
         self.pooling_module = GraphPooling(pooling, return_type) if pooling is not None else None
 
     def _run_modules(self, start: int, stop: int, feats: Features, edge_feats: Features, radial_in: Tensor,

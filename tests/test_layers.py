@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from se3t import AttentionBlockSE3, Basis, ConvSE3, Fiber, FuseLevel, LinearSE3, NormSE3, get_basis
+from se3t import AttentionBlockSE3, Basis, ConvSE3, Fiber, FuseLevel, LinearSE3, NormSE3, SE3Transformer, get_basis
 from se3t.basis import safe_norm
 from se3t.testing import assert_equivariant
 
@@ -379,6 +379,44 @@ def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, order, mo
         runs.append([*out.values(), *torch.autograd.grad(loss, wrt)])
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_fused_kernel_blockwise_equals_one_hand_off(level, threads, monkeypatch):
+    """``blockwise`` (one output-degree block at a time, for low memory) runs the same per-block work in the same
+    order per edge as the default single hand-off of all blocks: bitwise the same outputs and gradients, on the
+    calling thread and on worker threads; a low-memory conv or model turns it on."""
+    from se3t.nn import fused
+    monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    monkeypatch.setattr(fused, "MIN_UNIT_GROUPS", 1)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level)
+    assert not layer.blockwise_kernel
+    pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
+    pos.requires_grad_(level == FuseLevel.FULL)
+    x = {d: v.detach().requires_grad_() for d, v in x.items()}
+    fn = _conv_fn(layer, ei, 2)
+    hand_offs = []
+    run_ranges = fused._run_ranges
+    monkeypatch.setattr(fused, "_run_ranges", lambda *a: (hand_offs.append(1), run_ranges(*a)))
+    runs, calls = [], []
+    for blockwise in (False, True):
+        layer.blockwise_kernel = blockwise
+        hand_offs.clear()
+        out = fn(x, pos, e)
+        loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
+        wrt = ([pos] if pos.requires_grad else []) + list(x.values()) + list(layer.parameters())
+        runs.append([*out.values(), *torch.autograd.grad(loss, wrt)])
+        calls.append(len(hand_offs))
+    assert len(runs[0]) > 6 and all(torch.equal(a, b) for a, b in zip(*runs))
+    assert calls[1] > calls[0] > 0, calls  # one hand-off per kernel pass against one per block
+    assert ConvSE3(FIBER_IN, Fiber({0: 3}), FIBER_EDGE, low_memory=True).blockwise_kernel
+    model = SE3Transformer(num_layers=1, fiber_in=Fiber({0: 3}), fiber_hidden=Fiber({0: 4, 1: 4}),
+                           fiber_out=Fiber({0: 2}), num_heads=2, channels_div=2, low_memory=True)
+    convs = [m for m in model.modules() if isinstance(m, ConvSE3)]
+    assert convs and all(c.blockwise_kernel for c in convs)
 
 
 @pytest.mark.parametrize("order", KERNEL_ORDERS)

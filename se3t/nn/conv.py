@@ -120,6 +120,9 @@ class ConvSE3(nn.Module):
         self.edge_dim = fiber_edge[0] + 1
         #: most edges per group of the fused kernel (FULL, EDGE_FRAME); None: the device's default
         self.chunk_size: Optional[int] = None
+        #: the fused kernel runs its output-degree blocks one at a time (``fused_conv(blockwise=True)``): less
+        #: memory per call, a little more time; set by ``low_memory`` here and by the model's ``low_memory``
+        self.blockwise_kernel = low_memory
 
         groups = self._group_pairs(radial)
         self.radial = nn.ModuleList()
@@ -227,7 +230,8 @@ class ConvSE3(nn.Module):
                     else:
                         bts += [basis.kernel_major(d, b.d_out) for d in b.d_ins]
                 outs = fused_conv(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_fused_rows_{g}"),
-                                  blocks, xs, bts, self.chunk_size, x_index=x_index, sh=sh)
+                                  blocks, xs, bts, self.chunk_size, x_index=x_index, sh=sh,
+                                  blockwise=self.blockwise_kernel)
                 for b, o in zip(self._group_blocks[g], outs):
                     o = o.transpose(1, 2)  # [E, C_out, 2d_out+1]
                     out[b.d_out] = o if b.d_out not in out else out[b.d_out] + o
@@ -275,7 +279,8 @@ class ConvSE3(nn.Module):
         out: Features = {}
         for g, (mlp, plan) in enumerate(zip(self.radial, self._frame_plans)):
             msgs = plan.messages(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_frame_rows_{g}"),
-                                 getattr(self, f"_frame_gather_{g}"), xs, x_index, basis, self.chunk_size)
+                                 getattr(self, f"_frame_gather_{g}"), xs, x_index, basis, self.chunk_size,
+                                 self.blockwise_kernel)
             for d, o in msgs.items():
                 out[d] = o if d not in out else out[d] + o
         return out

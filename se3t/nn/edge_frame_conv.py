@@ -215,15 +215,17 @@ class EdgeFramePlan:
         return out
 
     def messages(self, h: Tensor, W: Tensor, rows: Tensor, gather_index: Tensor, xs: Sequence[Tensor],
-                 x_index: Optional[Tensor], basis: Basis, chunk: Optional[int]) -> Dict[int, Tensor]:
+                 x_index: Optional[Tensor], basis: Basis, chunk: Optional[int], blockwise: bool = False
+                 ) -> Dict[int, Tensor]:
         """``{d_out: [E, C_out, 2d_out+1]}``: this MLP's messages, computed in the edge frame and rotated back.
         ``h [E, H]``: the MLP's hidden features; ``W``: its last layer; ``rows``, ``gather_index``: :attr:`rows`
         and :attr:`gather_index` on the device; ``xs``/``x_index``: as for :func:`se3t.nn.fused.fused_conv`;
-        ``basis``: with frames (:meth:`se3t.basis.Basis.edge_frames` not ``None``)."""
+        ``basis``: with frames (:meth:`se3t.basis.Basis.edge_frames` not ``None``); ``chunk``, ``blockwise``: as
+        for ``fused_conv``."""
         bts = [basis.frame_rows(d, m) for d, m in self.part_orders]
         # every block's [E, K, c_out] side by side in one tensor (no per-block copies)
         flat, = fused_conv(h, W, rows, self.specs, xs, bts, chunk, x_index=x_index, weight_map=self,
-                           single_output=True)
+                           single_output=True, blockwise=blockwise)
         if self.needs_zero_column:
             flat = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], dim=1)
         degrees = [b.d_out for b in self.blocks]

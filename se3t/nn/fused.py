@@ -315,7 +315,7 @@ class _FusedConv(torch.autograd.Function):
     # for R to stay in cache run the wide GEMMs (measured on 2-core EPYC: 50-70 GFLOP/s with R <= 2 MiB, 27-30
     # with 8 MiB), each tile's weights serving the whole group (see _tiling).
     @staticmethod
-    def forward(ctx, chunk: Optional[int], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor,
+    def forward(ctx, schedule: Tuple[Optional[int], bool], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor,
                 x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"], single_output: bool,
                 h: Tensor, W: Tensor, *xs_bts: Tensor):
         xs = xs_bts[:num_x]
@@ -326,7 +326,19 @@ class _FusedConv(torch.autograd.Function):
         # one [E, sum_j K_j*C_out_j] tensor with each block's output a strided view, or one tensor per block
         buf = h.new_empty(E, sum(b.K * b.c_out for b in blocks)) if single_output else None
         col = 0
-        steps, group_sizes = [], []  # each block's (range function, buffers) and edges per group
+        chunk, blockwise = schedule
+        steps = []  # blocks not yet run: (range function, buffers, edges per group, kernel weights over all edges)
+
+        def hand_off() -> None:
+            """Run the blocks in ``steps`` over all edges: each edge range goes through all of them, on one worker
+            thread. One hand-off for all blocks: each hand-off right after the calling thread's own parallel ops
+            finds its OpenMP worker still spinning (GNU OpenMP: several ms), which slows the workers down; and each
+            range's inputs serve every block while in cache (measured on a 2-core Xeon, QM9 paper model: ~10 %
+            of the step). ``blockwise`` hands off block by block instead: one block's weights at a time."""
+            _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps], lambda _: None,
+                        E, max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
+            steps.clear()
+
         for j, b in enumerate(blocks):
             if buf is None:
                 out = h.new_empty(E, b.K, b.c_out)
@@ -385,15 +397,15 @@ class _FusedConv(torch.autograd.Function):
                     else:
                         out[S:S + m, 0].copy_(torch.mm(z.view(m, -1), W_outer, out=obuf[:m * b.c_out].view(m, b.c_out)))
 
-            steps.append((outer_forward_range if outer else forward_range, forward_buffers))
-            group_sizes.append(group)
+            steps.append((outer_forward_range if outer else forward_range, forward_buffers, group,
+                          E * b.c_out * b.k_in))
             outs.append(out)
-        # All blocks in one hand-off to the worker threads: each hand-off right after the calling thread's own
-        # parallel ops finds its OpenMP worker still spinning (GNU OpenMP: several ms), which slows the workers; and
-        # each range's inputs serve every block while in cache.
-        _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs in steps], lambda _: None, E,
-                    max(group_sizes), h.device, E * sum(b.c_out * b.k_in for b in blocks))
-        ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh, ctx.weight_map = chunk, blocks, num_x, with_sh, weight_map
+            Wj_t = W_outer = None  # held by the range function only
+            if blockwise:
+                hand_off()
+        if steps:
+            hand_off()
+        ctx.chunk, ctx.blockwise, ctx.blocks, ctx.num_x, ctx.with_sh, ctx.weight_map = chunk, blockwise, blocks, num_x, with_sh, weight_map
         ctx.single_output = single_output
         ctx.save_for_backward(rows, x_index, h, W, *xs_bts)
         return (buf,) if single_output else tuple(outs)
@@ -401,7 +413,7 @@ class _FusedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):
         rows, x_index, h, W_param, *xs_bts = ctx.saved_tensors
-        chunk, blocks, num_x, with_sh = ctx.chunk, ctx.blocks, ctx.num_x, ctx.with_sh
+        chunk, blockwise, blocks, num_x, with_sh = ctx.chunk, ctx.blockwise, ctx.blocks, ctx.num_x, ctx.with_sh
         weight_map = ctx.weight_map
         xs = xs_bts[:num_x]
         bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
@@ -432,7 +444,19 @@ class _FusedConv(torch.autograd.Function):
         if with_sh and ctx.needs_input_grad[10 + num_x]:  # each edge range adds into its own rows
             grad_sh = torch.zeros(bases.sh.shape, dtype=torch.promote_types(bases.sh.dtype, acc_dtype),
                                   device=h.device)
-        steps, group_sizes = [], []  # each block's (range function, buffers, fold, row, mapped grad_W), group
+        # blocks not yet run: (range function, buffers, edges per group, kernel weights, fold, row, mapped grad_W)
+        steps = []
+
+        def hand_off() -> None:
+            """As in forward; each range's partial grad_W of each block is folded in range order."""
+            _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps],
+                        lambda partials: [st[4](p) for st, p in zip(steps, partials)], E,
+                        max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
+            for *_, row, grad_Wj in steps:
+                if grad_Wj is not None:
+                    weight_map.add_block_adjoint(grad_W, grad_Wj, row)
+            steps.clear()
+
         for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
             if g_all is None:
                 continue
@@ -559,15 +583,13 @@ class _FusedConv(torch.autograd.Function):
                 grad_Wj = torch.zeros(Wj.shape, dtype=acc_dtype, device=h.device)
                 fold = grad_Wj.add_
             Wj = Wj_t = W_outer_t = None  # the ranges hold their own references
-            steps.append((outer_backward_range if outer else backward_range, backward_buffers, fold, b.row, grad_Wj))
-            group_sizes.append(group)
-        # all blocks in one hand-off, as in forward
-        _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps],
-                    lambda partials: [step[2](p) for step, p in zip(steps, partials)], E, max(group_sizes, default=1),
-                    h.device, E * sum(b.c_out * b.k_in for b in blocks))
-        for *_, row, grad_Wj in steps:
-            if grad_Wj is not None:
-                weight_map.add_block_adjoint(grad_W, grad_Wj, row)
+            steps.append((outer_backward_range if outer else backward_range, backward_buffers, group,
+                          E * b.c_out * b.k_in, fold, b.row, grad_Wj))
+            grad_Wj = fold = None
+            if blockwise:
+                hand_off()
+        if steps:
+            hand_off()
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
         if grad_W is not None:
             grad_W = grad_W.to(W_param.dtype)
@@ -585,7 +607,7 @@ class _FusedConv(torch.autograd.Function):
 def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], xs: Sequence[Tensor],
                bts: Sequence[Tensor], chunk: Optional[int] = None, x_index: Optional[Tensor] = None,
                sh: Optional[Tensor] = None, weight_map: Optional["WeightMap"] = None,
-               single_output: bool = False) -> List[Tensor]:
+               single_output: bool = False, blockwise: bool = False) -> List[Tensor]:
     """``out_j[e] = tmp_j[e] @ (W'_j @ h[e]).view(C_out, K_in)^T`` with ``tmp_j[e]`` the parts ``Bt[e] @ x[e]^T``.
 
     Shapes: ``h [E, H]``, ``W [P, H]``, ``rows [P]`` (int64: ``W' = W[rows]`` has the rows of each block ordered
@@ -600,10 +622,14 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     ``single_output``: return one tensor ``[E, sum_j K_j * C_out_j]`` holding the blocks' outputs side by side
     (each ``[K_j, C_out_j]`` row-major) instead of one tensor per block.
     ``weight_map`` (optional, :class:`WeightMap`): the kernel's weights are a linear map of ``W``, made block by
-    block in forward and again in backward (never stored, never all at once); ``W``'s gradient is the adjoint map
-    of theirs.
+    block in forward and again in backward (never stored between the two; all blocks' exist during a call, one at a
+    time with ``blockwise``); ``W``'s gradient is the adjoint map of theirs.
     ``chunk`` (optional): the most edges per group (one build of ``tmp``; default: the device's, see
     :func:`_tiling`).
+    ``blockwise``: run the output-degree blocks one after another over all edges, so that only one block's
+    (mapped) weights and weight gradient exist at a time (low-memory runs; ~2x the weights of the largest block
+    instead of all blocks', at the cost of one hand-off to the worker threads per block). Default: every edge
+    range goes through all blocks in one hand-off (faster on CPU). The results are the same either way.
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
     preallocated buffers, which autocast does not handle).
     """
@@ -628,5 +654,5 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
         else:
             args += [t.to(dtype).contiguous() for t in bts]
         chunk = None if chunk is None else max(1, int(chunk))
-        return list(_FusedConv.apply(chunk, tuple(blocks), len(xs), rows, x_index, sh is not None, weight_map,
+        return list(_FusedConv.apply((chunk, bool(blockwise)), tuple(blocks), len(xs), rows, x_index, sh is not None, weight_map,
                                      single_output, *args))
