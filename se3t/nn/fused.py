@@ -315,9 +315,10 @@ class _FusedConv(torch.autograd.Function):
     # for R to stay in cache run the wide GEMMs (measured on 2-core EPYC: 50-70 GFLOP/s with R <= 2 MiB, 27-30
     # with 8 MiB), each tile's weights serving the whole group (see _tiling).
     @staticmethod
-    def forward(ctx, schedule: Tuple[Optional[int], bool], blocks: Tuple[BlockSpec, ...], num_x: int, rows: Tensor,
-                x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"], single_output: bool,
-                h: Tensor, W: Tensor, *xs_bts: Tensor):
+    def forward(ctx, schedule: Tuple[Optional[int], bool], blocks: Tuple[BlockSpec, ...], num_x: int,
+                rows: Tensor, x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"],
+                single_output: bool, h: Tensor, W: Tensor, *xs_bts: Tensor):
+        """``schedule``: ``(chunk, blockwise)`` of :func:`fused_conv`."""
         xs = xs_bts[:num_x]
         bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
@@ -405,8 +406,8 @@ class _FusedConv(torch.autograd.Function):
                 hand_off()
         if steps:
             hand_off()
-        ctx.chunk, ctx.blockwise, ctx.blocks, ctx.num_x, ctx.with_sh, ctx.weight_map = chunk, blockwise, blocks, num_x, with_sh, weight_map
-        ctx.single_output = single_output
+        ctx.chunk, ctx.blockwise, ctx.blocks, ctx.num_x = chunk, blockwise, blocks, num_x
+        ctx.with_sh, ctx.weight_map, ctx.single_output = with_sh, weight_map, single_output
         ctx.save_for_backward(rows, x_index, h, W, *xs_bts)
         return (buf,) if single_output else tuple(outs)
 
@@ -654,5 +655,5 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
         else:
             args += [t.to(dtype).contiguous() for t in bts]
         chunk = None if chunk is None else max(1, int(chunk))
-        return list(_FusedConv.apply((chunk, bool(blockwise)), tuple(blocks), len(xs), rows, x_index, sh is not None, weight_map,
-                                     single_output, *args))
+        return list(_FusedConv.apply((chunk, bool(blockwise)), tuple(blocks), len(xs), rows, x_index, sh is not None,
+                                     weight_map, single_output, *args))
