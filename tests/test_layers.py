@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from se3t import AttentionBlockSE3, Basis, ConvSE3, Fiber, FuseLevel, LinearSE3, NormSE3, SE3Transformer, get_basis
+from se3t import (AttentionBlockSE3, Basis, ConvSE3, Fiber, FuseLevel, LinearSE3, NormSE3, SE3Transformer,
+                  get_basis)
 from se3t.basis import safe_norm
 from se3t.testing import assert_equivariant
 
@@ -574,16 +575,19 @@ def test_attention_logits_are_summed_over_degrees_in_float32():
     assert ((out.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
 
 
-def test_channel_mix_gradients_memory_and_autocast():
+@pytest.mark.parametrize("L", [1, 3])
+def test_channel_mix_gradients_memory_and_autocast(L):
     """W @ x per node (LinearSE3, the self-interaction, the attention projection): gradcheck and gradgradcheck,
-    torch.matmul's values, x itself (not a transposed copy) kept for backward, and a bf16 autocast backward."""
+    torch.matmul's values, x itself (not a transposed copy) kept for backward, and a bf16 autocast backward; degree 0
+    (``L = 1``) runs as one GEMM over the nodes."""
     from se3t.nn.linear import channel_mix
     g = torch.Generator().manual_seed(0)
     W = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
-    x = torch.randn(5, 8, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(5, 8, L, dtype=torch.float64, generator=g, requires_grad=True)
     fn = lambda W, x: channel_mix(W[:, 2:], x[:, :6]).sin()  # noqa: E731  (weight column view, as the projection)
     assert torch.autograd.gradcheck(fn, (W, x)) and torch.autograd.gradgradcheck(fn, (W, x))
-    assert torch.equal(channel_mix(W, x), torch.matmul(W, x))
+    torch.testing.assert_close(channel_mix(W, x), torch.matmul(W, x), rtol=1e-14, atol=1e-14)
+    assert channel_mix(W, x).is_contiguous()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         channel_mix(W, x)
