@@ -47,10 +47,11 @@ __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
 #: Measured against 256 Ki on 2-core EPYC, same process, paper model: 0.95-0.96x the step time at 2 threads and
-#: 0.90-0.96x at 1 (fewer, larger tiles: less Python per edge); 1 Mi was slower again.
+#: 0.90-0.96x at 1 (fewer, larger tiles: less Python per edge); 1 Mi was slower again. On a 2-core Xeon (AVX-512,
+#: 2 MiB L2 per core), 2 threads: 256 Ki 1.04x, 128 Ki 1.13x, 1 Mi 1.01x the step time of 512 Ki.
 CHUNK_VALUES = 1 << 19
 #: Edges sharing one build of ``tmp`` on CPU. 128: as fast as 256 (measured on 2-core EPYC, same process, paper
-#: model; 64 was 14 % slower) with half the per-thread group buffers.
+#: model; 64 was 14 % slower) with half the per-thread group buffers. On the 2-core Xeon: 64 1.14x, 256 1.10x.
 GROUP_EDGES = 128
 #: Blocks with one output row (``K = 1``: degree-0 outputs, the edge frame's order 0) run in the "outer" order:
 #: ``out = (h ⊗ tmp) @ W'`` with ``W' [H*K_in, C_out]`` (the block's weights reordered), one GEMM with inner
