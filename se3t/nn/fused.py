@@ -341,7 +341,10 @@ class _FusedConv(torch.autograd.Function):
                         E, max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
             steps.clear()
 
+        largest = E * max(b.c_out * b.k_in for b in blocks)
         for j, b in enumerate(blocks):
+            if blockwise and steps and sum(st[3] for st in steps) + E * b.c_out * b.k_in > largest:
+                hand_off()  # blockwise: at most the largest block's weights at a time (small blocks go together)
             if buf is None:
                 out = h.new_empty(E, b.K, b.c_out)
             else:
@@ -403,8 +406,6 @@ class _FusedConv(torch.autograd.Function):
                           E * b.c_out * b.k_in))
             outs.append(out)
             Wj_t = W_outer = None  # held by the range function only
-            if blockwise:
-                hand_off()
         if steps:
             hand_off()
         ctx.chunk, ctx.blockwise, ctx.blocks, ctx.num_x = chunk, blockwise, blocks, num_x
@@ -459,9 +460,12 @@ class _FusedConv(torch.autograd.Function):
                     weight_map.add_block_adjoint(grad_W, grad_Wj, row)
             steps.clear()
 
+        largest = E * max(b.c_out * b.k_in for b in blocks)
         for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
             if g_all is None:
                 continue
+            if blockwise and steps and sum(st[3] for st in steps) + E * b.c_out * b.k_in > largest:
+                hand_off()  # as in forward
             if g_all.stride(-1) != 1:  # rows of channels must be contiguous for the chunk GEMMs; views of one
                 g_all = g_all.contiguous()  # output already are
             parts_in = [p for p in b.parts
@@ -588,8 +592,6 @@ class _FusedConv(torch.autograd.Function):
             steps.append((outer_backward_range if outer else backward_range, backward_buffers, group,
                           E * b.c_out * b.k_in, fold, b.row, grad_Wj))
             grad_Wj = fold = None
-            if blockwise:
-                hand_off()
         if steps:
             hand_off()
         grad_h = grad_h.to(h.dtype) if grad_h is not None else None
@@ -628,8 +630,8 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     time with ``blockwise``); ``W``'s gradient is the adjoint map of theirs.
     ``chunk`` (optional): the most edges per group (one build of ``tmp``; default: the device's, see
     :func:`_tiling`).
-    ``blockwise``: run the output-degree blocks one after another over all edges, so that only one block's
-    (mapped) weights and weight gradient exist at a time (low-memory runs; ~2x the weights of the largest block
+    ``blockwise``: run the output-degree blocks one after another over all edges (small ones together), so that at
+    most the largest block's worth of (mapped) weights and weight gradients exists at a time (low-memory runs;
     instead of all blocks', at the cost of one hand-off to the worker threads per block). Default: every edge
     range goes through all blocks in one hand-off (faster on CPU). The results are the same either way.
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
