@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import se3t
 from se3t import Fiber
-from se3t.runtime.optim import fused_adamw_supported
+from se3t.runtime.optim import build_optimizer
 
 from .flops import model_flops
 from .machine import gemm_rate, precision_context, sync
@@ -244,9 +244,8 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
         training = mode == "train"
         if training:
             model.train()
-            params = list(model.parameters())  # AdamW's fused kernel where it runs (as se3t's trainer uses it)
-            opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.999), weight_decay=0.1,
-                                    fused=fused_adamw_supported(params) or None)
+            # the trainer's AdamW (its fused kernel where it runs), betas (0.9, 0.999)
+            opt = build_optimizer("adam", model.parameters(), lr=2e-3, weight_decay=0.1, momentum=0.9)
             scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
 
             def eager_step(i: int) -> None:

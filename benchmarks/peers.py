@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from se3t.runtime.optim import fused_adamw_supported
+from se3t.runtime.optim import build_optimizer
 
 from .machine import precision_context, sync
 from .runner import PeakMemory, latency_stats, time_steps
@@ -138,9 +138,8 @@ def lucidrains_cell(*, batches: List[dict], depth: int, mode: str, precision: st
     ys = [d["y"].to(dev) for d in dense]
     if mode == "train":
         model.train()
-        params = list(model.parameters())  # AdamW's fused kernel where it runs (as se3t's trainer uses it)
-        opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.999), weight_decay=0.1,
-                                fused=fused_adamw_supported(params) or None)
+        # the trainer's AdamW (its fused kernel where it runs), betas (0.9, 0.999)
+        opt = build_optimizer("adam", model.parameters(), lr=2e-3, weight_decay=0.1, momentum=0.9)
 
         def step(i: int) -> None:
             opt.zero_grad(set_to_none=True)
