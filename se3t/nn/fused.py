@@ -336,7 +336,8 @@ class _FusedConv(torch.autograd.Function):
             thread. One hand-off for all blocks: each hand-off right after the calling thread's own parallel ops
             finds its OpenMP worker still spinning (GNU OpenMP: several ms), which slows the workers down; and each
             range's inputs serve every block while in cache (measured on a 2-core Xeon, QM9 paper model: ~10 %
-            of the step). ``blockwise`` hands off block by block instead: one block's weights at a time."""
+            of the step). ``blockwise`` hands off more often instead: at most the largest block's weights at a
+            time."""
             _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps], lambda _: None,
                         E, max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
             steps.clear()
@@ -632,7 +633,7 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     :func:`_tiling`).
     ``blockwise``: run the output-degree blocks one after another over all edges (small ones together), so that at
     most the largest block's worth of (mapped) weights and weight gradients exists at a time (low-memory runs;
-    instead of all blocks', at the cost of one hand-off to the worker threads per block). Default: every edge
+    instead of all blocks', at the cost of more hand-offs to the worker threads). Default: every edge
     range goes through all blocks in one hand-off (faster on CPU). The results are the same either way.
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
     preallocated buffers, which autocast does not handle).

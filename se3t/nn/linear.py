@@ -44,8 +44,8 @@ class _ChannelMix(torch.autograd.Function):
 
 
 def channel_mix(W: Tensor, x: Tensor) -> Tensor:
-    """``out[n] = W @ x[n]``: ``W [C_out, C_in]``, ``x [N, C_in, L]`` -> ``[N, C_out, L]`` (``torch.matmul``'s
-    result; only ``W`` and ``x`` themselves are kept for backward)."""
+    """``out[n] = W @ x[n]``: ``W [C_out, C_in]``, ``x [N, C_in, L]`` -> ``[N, C_out, L]`` (``torch.matmul(W, x)``'s
+    values; only ``W`` and ``x`` themselves are kept for backward)."""
     if not (torch.is_grad_enabled() and (W.requires_grad or x.requires_grad)):
         return _mix(W, x)  # nothing kept: no autograd.Function (nor one for dynamo to trace)
     return _ChannelMix.apply(W, x)
