@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
-           "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD",
+           "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD",
            "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO"]
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
@@ -53,6 +53,14 @@ CHUNK_VALUES = 1 << 19
 #: Edges sharing one build of ``tmp`` on CPU. 128: as fast as 256 (measured on 2-core EPYC, same process, paper
 #: model; 64 was 14 % slower) with half the per-thread group buffers. On the 2-core Xeon: 64 1.14x, 256 1.10x.
 GROUP_EDGES = 128
+#: CPU group and tile budget for 2-byte dtypes (bf16/fp16 autocast): four times the values of fp32 (8 MiB) in groups
+#: of up to 512 edges. Measured on a 2-core AMD EPYC Zen 4 (AVX-512 with native bf16 dot products), same process,
+#: paper model, batch 100, bf16 autocast, against the fp32 settings: 0.85x the training step with 256 edges and
+#: 1 Mi values, 0.93x that again with 512 and 2 Mi (1,024 and 4 Mi: 1.05x); inference 0.92x. fp32 gains
+#: nothing reliable there (256 edges: 0.94-0.95x; 512 edges with 2 Mi values: 1.14x), so it keeps the values
+#: above. A group is at most half of an intra-op thread's share of the edges (see _cpu_limits).
+GROUP_EDGES_16BIT = 512
+CHUNK_VALUES_16BIT = 1 << 21
 #: Blocks with one output row (``K = 1``: degree-0 outputs, the edge frame's order 0) run in the "outer" order:
 #: ``out = (h ⊗ tmp) @ W'`` with ``W' [H*K_in, C_out]`` (the block's weights reordered), one GEMM with inner
 #: dimension ``H*K_in`` per group of edges instead of ``R = h @ W^T`` (inner dimension ``H``) and a per-edge
@@ -103,18 +111,30 @@ class BlockSpec(NamedTuple):
     parts: Tuple[PartSpec, ...]
 
 
-def _tiling(chunk: Optional[int], block: BlockSpec, E: int, device: torch.device) -> Tuple[int, int]:
+def _cpu_limits(dtype: torch.dtype, E: int) -> Tuple[int, int]:
+    """``(edges per group, values per tile of R)`` on CPU for ``dtype``: :data:`GROUP_EDGES` and
+    :data:`CHUNK_VALUES`, or for 2-byte dtypes :data:`GROUP_EDGES_16BIT` and :data:`CHUNK_VALUES_16BIT` with
+    groups cut to at most ``E / (2 * threads)`` edges (not below :data:`GROUP_EDGES`), so a small graph still
+    splits into edge ranges for every intra-op thread (see ``_run_ranges``)."""
+    if dtype.itemsize > 2:
+        return GROUP_EDGES, CHUNK_VALUES
+    share = E // (2 * torch.get_num_threads()) if PARALLEL_RANGES else E
+    return min(GROUP_EDGES_16BIT, max(GROUP_EDGES, share)), CHUNK_VALUES_16BIT
+
+
+def _tiling(chunk: Optional[int], block: BlockSpec, E: int, device: torch.device,
+            dtype: torch.dtype = torch.float32) -> Tuple[int, int]:
     """``(edges per group, output channels per tile)`` of a block in the ``R`` order: a tile of ``R`` is
     ``[group, tile * K_in]``, at most the device's budget of values where it can be. On CPU a group has at most
-    ``chunk`` (default :data:`GROUP_EDGES`) edges and the tiles cut the output channels so ``R`` stays in cache
+    ``chunk`` (default: :func:`_cpu_limits`) edges and the tiles cut the output channels so ``R`` stays in cache
     while the weights of a tile serve the whole group: cutting the edges into chunks instead re-read all of the
     block's weights (``H * C_out * K_in`` values, more than ``R``'s chunk) for every 14-edge chunk of the paper
     model's widest blocks (measured on 2-core EPYC: 1.1-1.25x on such a block). Accelerators want few, large
     launches: whole rows of ``R`` for as many edges as the budget holds."""
     k_in = max(block.k_in, 1)
     if device.type == "cpu":
-        budget = CHUNK_VALUES
-        group = max(1, min(GROUP_EDGES if chunk is None else chunk, budget // k_in))
+        default_group, budget = _cpu_limits(dtype, E)
+        group = max(1, min(default_group if chunk is None else chunk, budget // k_in))
     else:
         budget = CHUNK_VALUES_ACCELERATOR
         group = max(1, min(chunk or (1 << 62), budget // max(block.c_out * k_in, 1)))
@@ -131,12 +151,13 @@ def _use_outer(block: BlockSpec, hidden: int) -> bool:
     return ONE_ROW_OUTER and block.K == 1 and block.c_out >= ONE_ROW_OUTER_MIN_RATIO * hidden
 
 
-def _outer_step(chunk: Optional[int], block: BlockSpec, hidden: int, E: int, device: torch.device) -> int:
+def _outer_step(chunk: Optional[int], block: BlockSpec, hidden: int, E: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> int:
     """Edges per GEMM of a block in the outer order (:data:`ONE_ROW_OUTER`), each step one group: on CPU at most
-    :data:`GROUP_EDGES` and ``h ⊗ tmp`` of at most 4 Mi values (16 MiB in fp32), on accelerators at most
+    :func:`_cpu_limits`' group and ``h ⊗ tmp`` of at most 4 Mi values (16 MiB in fp32), on accelerators at most
     :data:`CHUNK_VALUES_ACCELERATOR` values; never more than ``chunk`` when one is asked for."""
     if device.type == "cpu":
-        step = min(GROUP_EDGES, (1 << 22) // max(hidden * block.k_in, 1))
+        step = min(_cpu_limits(dtype, E)[0], (1 << 22) // max(hidden * block.k_in, 1))
     else:
         step = CHUNK_VALUES_ACCELERATOR // max(hidden * block.k_in, 1)
     if chunk is not None:
@@ -355,10 +376,10 @@ class _FusedConv(torch.autograd.Function):
             dims = [xs[p.x].shape[2] for p in b.parts]
             outer = _use_outer(b, H)
             if outer:  # W' [(k, i), o] = W_j[(o, i), k]; each step of edges is one group
-                group, tile = _outer_step(chunk, b, H, E, h.device), b.c_out
+                group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
                 W_outer = Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out)
             else:
-                group, tile = _tiling(chunk, b, E, h.device)
+                group, tile = _tiling(chunk, b, E, h.device, h.dtype)
                 Wj_t = Wj_t.contiguous()  # [H, C_out*K_in]: R's GEMM reads a column slice (measured on Xeon: ~12 %
                 # faster than from the transposed rows)
             # output through a buffer when the GEMM's destination would be strided (a tile of channels, or a view of
@@ -478,10 +499,10 @@ class _FusedConv(torch.autograd.Function):
             outer = _use_outer(b, H)
             Wj_t = W_outer_t = None
             if outer:  # as in forward; W'^T [c_out, (h, i)] contiguous: grad (h ⊗ tmp) = g @ W'^T reads it row-major
-                group, tile = _outer_step(chunk, b, H, E, h.device), b.c_out
+                group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
                 W_outer_t = Wj.view(b.c_out, b.k_in, H).transpose(1, 2).reshape(b.c_out, H * b.k_in)
             else:
-                group, tile = _tiling(chunk, b, E, h.device)
+                group, tile = _tiling(chunk, b, E, h.device, h.dtype)
                 Wj_t = Wj.t().contiguous()  # R = h @ W_j^T as in forward; grad_h's GEMM reads W_j's rows
 
             def backward_buffers(arena: _Arena, b=b, j=j, parts_in=parts_in, group=group, tile=tile, outer=outer):
