@@ -127,9 +127,13 @@ def _run(layer, ei, x, pos, e, max_degree):
 @pytest.mark.parametrize("edge_fiber", [Fiber({0: 2}), Fiber({0: 2, 2: 1})], ids=["scalar-edges", "degree2-edges"])
 @pytest.mark.parametrize("pool", [True, False])
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
-def test_edge_frame_equals_full_and_none_forward_and_backward(radial, edge_fiber, pool, order, monkeypatch):
+# degree 4 out of degree <= 3 inputs: orders no input reaches (a zero run); channel counts with gcd 1 (the messages
+# gathered value by value) and with gcd 2 (in runs of two channels)
+@pytest.mark.parametrize("fiber_out", [Fiber({0: 2, 1: 3, 2: 1, 3: 2, 4: 1}), Fiber({0: 4, 1: 2, 2: 4, 3: 2, 4: 2})],
+                         ids=["runs-of-1", "runs-of-2"])
+def test_edge_frame_equals_full_and_none_forward_and_backward(radial, edge_fiber, pool, order, fiber_out,
+                                                              monkeypatch):
     set_kernel_order(monkeypatch, order)
-    fiber_out = Fiber({0: 2, 1: 3, 2: 1, 3: 2, 4: 1})  # degree 4 out of degree <= 3 inputs: orders no input reaches
     layer = ConvSE3(FIBER_IN, fiber_out, edge_fiber, pool=pool, self_interaction=True, radial=radial).double()
     pos, ei, x, e = _conv_inputs(edge_fiber)
     x = {d: v.requires_grad_() for d, v in x.items()}

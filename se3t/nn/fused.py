@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
-           "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES", "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD",
+           "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES",
+           "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD",
            "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO"]
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
