@@ -648,14 +648,19 @@ def test_kernel_tiling_keeps_a_tile_of_r_within_the_budget():
     huge = BlockSpec(0, 3, 1, fused.CHUNK_VALUES * 2, ())
     assert _tiling(None, huge, 100, cpu) == (1, 1)
     # 2-byte dtypes: their own budget and larger groups, cut so every intra-op thread still gets two groups
+    # (2 threads here: 3,744 edges allow 936 per group, so the full 512; 1,200 edges only 300)
     threads = torch.get_num_threads()
-    group, tile = _tiling(None, wide, 3744, cpu, torch.bfloat16)
-    assert group == min(fused.GROUP_EDGES_16BIT, max(fused.GROUP_EDGES, 3744 // (2 * threads)))
-    assert group * tile * 192 <= fused.CHUNK_VALUES_16BIT and 1 < -(-96 // tile) < 96
-    assert _tiling(None, wide, 3744, cpu, torch.float64) == _tiling(None, wide, 3744, cpu)
-    small = 300 * 2 * threads  # E / (2 threads) = 300 edges: between the two group sizes
-    assert _tiling(None, wide, small, cpu, torch.float16)[0] == 300
-    assert fused._outer_step(None, BlockSpec(0, 1, 128, 32, ()), 32, small, cpu, torch.bfloat16) == 300
+    torch.set_num_threads(2)
+    try:
+        group, tile = _tiling(None, wide, 3744, cpu, torch.bfloat16)
+        assert group == fused.GROUP_EDGES_16BIT == 512 and group > fused.GROUP_EDGES
+        assert group * tile * 192 <= fused.CHUNK_VALUES_16BIT and 1 < -(-96 // tile) < 96
+        assert _tiling(None, wide, 3744, cpu, torch.float64) == _tiling(None, wide, 3744, cpu)
+        assert _tiling(None, wide, 1200, cpu, torch.float16)[0] == 300
+        assert fused._outer_step(None, BlockSpec(0, 1, 128, 32, ()), 32, 1200, cpu, torch.bfloat16) == 300
+        assert _tiling(None, wide, 400, cpu, torch.bfloat16)[0] == fused.GROUP_EDGES  # never below fp32's group
+    finally:
+        torch.set_num_threads(threads)
     group, tile = _tiling(None, wide, 10 ** 6, gpu)
     assert tile == 96 and group == fused.CHUNK_VALUES_ACCELERATOR // (96 * 192)
 

@@ -103,7 +103,7 @@ class EdgeFramePlan:
 
     def _build_gather_index(self) -> None:
         """Where each output value sits among the blocks' outputs flattened side by side (``[K, c_out]`` per
-        block, ``width`` columns): :attr:`gather_index` holds, per output degree (blocks' degrees in order), the
+        block, ``width`` columns): ``gather_index`` holds, per output degree (blocks' degrees in order), the
         columns of its values ``(component, c)`` component-major; components of orders above every input degree
         read an appended zero column. A component's channels are consecutive columns, so the index moves whole
         runs of :attr:`run` columns (the channel counts' gcd): :attr:`gather_runs` indexes the columns viewed as
@@ -125,10 +125,10 @@ class EdgeFramePlan:
                 if m > 0:
                     where[b.d_out - m] = starts[m] + spec.c_out + channels  # row k = 1: component -m
             index.append(where.reshape(-1))
-        self.gather_index = torch.cat(index)
-        self.needs_zero_column = bool((self.gather_index == zero_column).any())
+        gather_index = torch.cat(index)
+        self.needs_zero_column = bool((gather_index == zero_column).any())
         self.run = math.gcd(*(self.out_channels[b.d_out] for b in self.blocks))
-        runs, num_runs = self.gather_index.view(-1, self.run), zero_column // self.run
+        runs, num_runs = gather_index.view(-1, self.run), zero_column // self.run
         zero = runs[:, :1] == zero_column  # a component no block writes: the zero column throughout
         consecutive = torch.where(zero, runs == zero_column, runs == runs[:, :1] + torch.arange(self.run))
         if not bool(consecutive.all()) or bool((runs[:, 0] % self.run).any()):

@@ -54,8 +54,8 @@ CHUNK_VALUES = 1 << 19
 #: Edges sharing one build of ``tmp`` on CPU. 128: as fast as 256 (measured on 2-core EPYC, same process, paper
 #: model; 64 was 14 % slower) with half the per-thread group buffers. On the 2-core Xeon: 64 1.14x, 256 1.10x.
 GROUP_EDGES = 128
-#: CPU group and tile budget for 2-byte dtypes (bf16/fp16 autocast): four times the values of fp32 (8 MiB) in groups
-#: of up to 512 edges. Measured on a 2-core AMD EPYC Zen 4 (AVX-512 with native bf16 dot products), same process,
+#: CPU group and tile budget for 2-byte dtypes (bf16/fp16 autocast): four times fp32's values per tile (4 MiB of
+#: bf16 against 2 MiB of fp32) in groups of up to 512 edges. Measured on a 2-core AMD EPYC Zen 4 (AVX-512 with native bf16 dot products), same process,
 #: paper model, batch 100, bf16 autocast, against the fp32 settings: 0.85x the training step with 256 edges and
 #: 1 Mi values, 0.93x that again with 512 and 2 Mi (1,024 and 4 Mi: 1.05x); inference 0.92x. fp32 gains
 #: nothing reliable there (256 edges: 0.94-0.95x; 512 edges with 2 Mi values: 1.14x), so it keeps the values
