@@ -44,7 +44,7 @@ from torch import Tensor
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
            "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES",
            "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD",
-           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO"]
+           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON"]
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
 #: Measured against 256 Ki on 2-core EPYC, same process, paper model: 0.95-0.96x the step time at 2 threads and
@@ -75,6 +75,13 @@ ONE_ROW_OUTER = True
 ONE_ROW_OUTER_MIN_RATIO = 2
 #: Budget on accelerators (64 Mi values): a few large launches per block instead of many small ones.
 CHUNK_VALUES_ACCELERATOR = 1 << 26
+#: Blocks on CUDA in 2-byte dtypes (bf16/fp16 autocast) or TF32 run as Triton kernels (:mod:`se3t.nn.triton_outer`)
+#: that form ``h ⊗ tmp`` tile by tile on chip: no per-edge ``R`` or ``h ⊗ tmp`` in device memory, and one launch
+#: per block instead of a handful of batched GEMMs (on an H200 the ``R`` order's batched per-edge GEMMs were the
+#: largest share of a bf16 training step's kernel time). ``"auto"``: there, when ``triton`` imports; ``"never"``:
+#: the PyTorch paths (the reference; strict fp32 keeps them, where the outer order's ``K``-fold GEMM FLOPs would
+#: run without tensor cores); ``"always"``: every device and dtype (tests, on CPU with ``TRITON_INTERPRET=1``).
+TRITON = os.environ.get("SE3T_TRITON", "auto")
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
 PARALLEL_RANGES = True
 #: ... when a block has at least this many kernel weights over all its edges (below, the hand-off costs more).
@@ -164,6 +171,27 @@ def _outer_step(chunk: Optional[int], block: BlockSpec, hidden: int, E: int, dev
     if chunk is not None:
         step = min(step, chunk)
     return max(1, min(step, E))
+
+
+def _use_triton(h: Tensor) -> bool:
+    """Whether the blocks of this call run as Triton kernels (:data:`TRITON`)."""
+    if TRITON == "never" or (TRITON == "auto" and not h.is_cuda):
+        return False
+    if TRITON not in ("auto", "always"):
+        raise ValueError(f"se3t.nn.fused.TRITON must be 'auto', 'never' or 'always', got {TRITON!r}")
+    from . import triton_outer
+
+    if not triton_outer.available():
+        if TRITON == "always":
+            raise RuntimeError("se3t.nn.fused.TRITON = 'always' needs triton (pip install triton)")
+        return False
+    return TRITON == "always" or h.dtype.itemsize == 2 or torch.backends.cuda.matmul.allow_tf32
+
+
+def _triton_step(block: BlockSpec, E: int) -> int:
+    """Edges per Triton launch: all of them, unless ``tmp`` (``[edges, K, K_in]``) would pass the accelerator's
+    budget."""
+    return max(1, min(E, CHUNK_VALUES_ACCELERATOR // max(block.K * block.k_in, 1)))
 
 
 def _edge_rows(x: Tensor, x_index: Optional[Tensor], s: int, n: int) -> Tensor:
@@ -332,6 +360,32 @@ def _block_weights(W: Tensor, rows: Tensor, b: BlockSpec, weight_map: Optional["
     return weight_map.block_weights(W, b.row).to(dtype)
 
 
+def _triton_forward_step(b: BlockSpec, j: int, dims: List[int], Wj_t: Tensor, h: Tensor, xs, x_index, bases,
+                         cast: bool, out: Tensor, E: int):
+    """A forward step (as ``_FusedConv.forward`` queues them) of block ``b`` as a Triton kernel: ``tmp`` over a
+    group of (nearly) all edges, then ``out = (h ⊗ tmp) @ W`` on chip (:func:`se3t.nn.triton_outer.outer_forward`)."""
+    from .triton_outer import outer_forward
+
+    H = h.shape[1]
+    group = _triton_step(b, E)
+    W_hio = Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).contiguous()  # [H, K_in, C_out]
+
+    def buffers(arena: _Arena):
+        width = bases.width(j)
+        return (arena.take(1, group * b.K * b.k_in, h).view(group, b.K, b.k_in), arena.take(2, group * b.K * b.k_in, h),
+                arena.take(3, group * width, bases.sh) if width else None,
+                arena.take(4, group * width, h) if (width and cast) else None)
+
+    def run(lo: int, hi: int, bufs) -> None:
+        tmp, pbuf, bbuf, cbuf = bufs
+        for S in range(lo, hi, group):
+            m = min(group, hi - S)
+            t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
+            outer_forward(h[S:S + m], t, W_hio, out[S:S + m])
+
+    return run, buffers, group, E * b.c_out * b.k_in
+
+
 class _FusedConv(torch.autograd.Function):
     # Per edge range, a "group" of edges shares one build of tmp (and, in backward, of the gradient of tmp and its
     # per-part scatter to grad_x), amortising those small ops; within it, tiles of output channels small enough
@@ -365,6 +419,7 @@ class _FusedConv(torch.autograd.Function):
             steps.clear()
 
         largest = E * max(b.c_out * b.k_in for b in blocks)
+        triton = _use_triton(h)
         for j, b in enumerate(blocks):
             if blockwise and steps and sum(st[3] for st in steps) + E * b.c_out * b.k_in > largest:
                 hand_off()  # blockwise: at most the largest block's weights at a time (small blocks go together)
@@ -375,6 +430,10 @@ class _FusedConv(torch.autograd.Function):
                 col += b.K * b.c_out
             Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
             dims = [xs[p.x].shape[2] for p in b.parts]
+            if triton:
+                steps.append(_triton_forward_step(b, j, dims, Wj_t, h, xs, x_index, bases, cast, out, E))
+                outs.append(out)
+                continue
             outer = _use_outer(b, H)
             if outer:  # W' [(k, i), o] = W_j[(o, i), k]; each step of edges is one group
                 group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
@@ -484,6 +543,7 @@ class _FusedConv(torch.autograd.Function):
             steps.clear()
 
         largest = E * max(b.c_out * b.k_in for b in blocks)
+        triton = _use_triton(h)
         for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
             if g_all is None:
                 continue
@@ -497,20 +557,24 @@ class _FusedConv(torch.autograd.Function):
             dims = [xs[p.x].shape[2] for p in b.parts]
             # column of each part in the block's projection (harmonics only)
             part_cols = [sum(b.K * q.F * L for q, L in zip(b.parts[:i], dims)) for i in range(len(b.parts))]
-            outer = _use_outer(b, H)
+            outer = _use_outer(b, H) and not triton
             Wj_t = W_outer_t = None
-            if outer:  # as in forward; W'^T [c_out, (h, i)] contiguous: grad (h ⊗ tmp) = g @ W'^T reads it row-major
+            if triton:  # one group of (nearly) all edges; W as [H, K_in, C_out]
+                group, tile = _triton_step(b, E), b.c_out
+                W_hio = Wj.view(b.c_out, b.k_in, H).permute(2, 1, 0).contiguous()
+            elif outer:  # as in forward; W'^T [c_out, (h, i)] contiguous: grad (h ⊗ tmp) = g @ W'^T reads it row-major
                 group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
                 W_outer_t = Wj.view(b.c_out, b.k_in, H).transpose(1, 2).reshape(b.c_out, H * b.k_in)
             else:
                 group, tile = _tiling(chunk, b, E, h.device, h.dtype)
                 Wj_t = Wj.t().contiguous()  # R = h @ W_j^T as in forward; grad_h's GEMM reads W_j's rows
 
-            def backward_buffers(arena: _Arena, b=b, j=j, parts_in=parts_in, group=group, tile=tile, outer=outer):
-                width = bases.width(j)
-                return (arena.take(0, group * (H * b.k_in if outer else tile * b.k_in), h),
-                        arena.take(1, group * b.K * b.k_in, h).view(group, b.K, b.k_in) if (need_h or need_W)
-                        else None,
+            def backward_buffers(arena: _Arena, b=b, j=j, parts_in=parts_in, group=group, tile=tile, outer=outer,
+                                 triton=triton):
+                width = bases.width(j)  # (the Triton kernels keep no R, and always read tmp)
+                return (None if triton else arena.take(0, group * (H * b.k_in if outer else tile * b.k_in), h),
+                        arena.take(1, group * b.K * b.k_in, h).view(group, b.K, b.k_in)
+                        if (need_h or need_W or triton) else None,
                         arena.take(2, group * b.K * b.k_in, h).view(group, b.K, b.k_in) if parts_in else None,
                         arena.take(3, group * b.K * b.k_in, h),
                         arena.take(4, group * width, bases.sh) if width else None,
@@ -602,6 +666,26 @@ class _FusedConv(torch.autograd.Function):
                 # back to the parameter's row order (c_out, k_in), as the fold expects
                 return None if gWt is None else gWt.view(b.c_out, H, b.k_in).transpose(1, 2).reshape(-1, H)
 
+            def triton_backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in,
+                                      W_hio=W_hio if triton else None, step=group, groups=groups,
+                                      scatter_parts=scatter_parts) -> Optional[Tensor]:
+                from .triton_outer import outer_backward
+
+                _, tmp, gtmp, pbuf, bbuf, cbuf = bufs
+                gW = None
+                for S, m, bts, t in groups(lo, hi, step, tmp, pbuf, bbuf, cbuf):
+                    g = g_all[S:S + m].to(W_hio.dtype)
+                    gw, gh = outer_backward(h[S:S + m], t, W_hio, g, need_W, need_h,
+                                            gtmp[:m] if parts_in else None)
+                    if gh is not None:
+                        grad_h[S:S + m] += gh
+                    if gw is not None:
+                        gW = gw if gW is None else gW.add_(gw)
+                    if parts_in:
+                        scatter_parts(S, m, bts, gtmp, pbuf)
+                # [H, K_in, C_out] -> the parameter's row order (c_out, k_in)
+                return None if gW is None else gW.permute(2, 1, 0).reshape(b.c_out * b.k_in, H)
+
             # partial grad_W of each range, added in range order: the same sum whichever thread ran which range
             grad_Wj = None
             if not need_W:
@@ -611,8 +695,9 @@ class _FusedConv(torch.autograd.Function):
             else:
                 grad_Wj = torch.zeros(Wj.shape, dtype=acc_dtype, device=h.device)
                 fold = grad_Wj.add_
-            Wj = Wj_t = W_outer_t = None  # the ranges hold their own references
-            steps.append((outer_backward_range if outer else backward_range, backward_buffers, group,
+            Wj = Wj_t = W_outer_t = W_hio = None  # the ranges hold their own references
+            fn = triton_backward_range if triton else (outer_backward_range if outer else backward_range)
+            steps.append((fn, backward_buffers, group,
                           E * b.c_out * b.k_in, fold, b.row, grad_Wj))
             grad_Wj = fold = None
         if steps:

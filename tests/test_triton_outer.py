@@ -1,0 +1,145 @@
+"""The Triton kernels of the fused conv (``se3t.nn.triton_outer``) against their PyTorch reference paths.
+
+On a CUDA machine they run compiled; without one, in Triton's interpreter (``TRITON_INTERPRET=1``, numpy on the
+CPU; bf16 is not supported there, so 2-byte checks use fp16). Skipped only where ``triton`` is not installed
+(``SE3T_REQUIRE=triton`` makes that a failure; CI installs it).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from se3t import ConvSE3, Fiber, FuseLevel
+from se3t.basis import safe_norm
+
+from core_helpers import random_graph
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+#: Triton's interpreter must be on before triton is first imported (its own library functions are decorated at
+#: import), so on CPU these tests run in a child process started with TRITON_INTERPRET=1
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _require_triton():
+    if not HAVE_TRITON:
+        if "triton" in os.environ.get("SE3T_REQUIRE", ""):
+            pytest.fail("triton is not installed (SE3T_REQUIRE=triton)")
+        pytest.skip("triton is not installed")
+
+
+@pytest.fixture(scope="module")
+def triton_outer():
+    _require_triton()
+    if not (CUDA or INTERPRETED):
+        pytest.skip("no CUDA: runs in the interpreter child process (test_triton_kernels_in_the_interpreter)")
+    import se3t.nn.triton_outer as module
+    return module
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="CUDA runs the kernels compiled; this is the CPU route")
+def test_triton_kernels_in_the_interpreter():
+    """Without CUDA: every test of this file, in a child process with Triton's interpreter."""
+    _require_triton()
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not in_the_interpreter",
+                           __file__],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def _reference(h, t, w):
+    return torch.einsum("eh,eki,hio->eko", h, t, w)
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("E, H, K, K_in, C_out", [(37, 5, 2, 40, 24), (70, 32, 1, 64, 96), (9, 3, 3, 11, 2),
+                                                  (0, 4, 2, 16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_outer_kernels_match_einsum(triton_outer, E, H, K, K_in, C_out, dtype):
+    """Forward and every gradient against float64 autograd of the same einsum; the output written into a strided
+    view (a block of a wider output) leaves the other columns alone; shapes that are not multiples of the tiles
+    (masking), K = 1, 2, 3 rows per edge, and no edges at all."""
+    g = torch.Generator().manual_seed(E + K)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=DEVICE, dtype=dtype)  # noqa: E731
+    h, t, w, gout = rnd(E, H), rnd(E, K, K_in), rnd(H, K_in, C_out), rnd(E, K, C_out)
+    wide = torch.full((E, K * C_out + 5), 7.0, dtype=dtype, device=DEVICE)
+    out = wide[:, 2:2 + K * C_out].view(E, K, C_out)
+    if K * C_out and E:
+        assert out.stride() == (K * C_out + 5, C_out, 1)
+    triton_outer.outer_forward(h, t, w, out)
+    hd, td, wd = (v.double().requires_grad_(True) for v in (h, t, w))
+    ref = _reference(hd, td, wd)
+    ref.backward(gout.double())
+    grad_t = torch.full_like(t, float("nan"))
+    grad_w, grad_h = triton_outer.outer_backward(h, t, w, gout, True, True, grad_t)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert bool((wide[:, :2] == 7).all()) and bool((wide[:, 2 + K * C_out:] == 7).all())
+    if E == 0:
+        assert out.numel() == 0 and bool((grad_w == 0).all()) and grad_h.shape == (0, H)
+        return
+    assert _rel(out, ref) < tol
+    assert grad_w.dtype == torch.float32 and _rel(grad_w, wd.grad) < tol
+    assert grad_h.dtype == torch.float32 and _rel(grad_h, hd.grad) < tol
+    assert _rel(grad_t, td.grad) < tol
+    # each gradient alone (the others not asked for) is the same
+    gt2 = torch.empty_like(t)
+    assert triton_outer.outer_backward(h, t, w, gout, False, False, gt2) == (None, None)
+    assert torch.equal(gt2, grad_t)
+    gw2, gh2 = triton_outer.outer_backward(h, t, w, gout, True, False, None)
+    assert gh2 is None and torch.equal(gw2, grad_w)
+
+
+def test_outer_kernels_reject_bad_layouts(triton_outer):
+    h, t, w = torch.randn(4, 3), torch.randn(4, 2, 5), torch.randn(3, 5, 6)
+    with pytest.raises(ValueError, match="w must be"):
+        triton_outer.outer_forward(h, t, w.transpose(1, 2), torch.empty(4, 2, 6))
+    with pytest.raises(ValueError, match="t must be"):
+        triton_outer.outer_forward(h, t.transpose(0, 1), w, torch.empty(4, 2, 6))
+    with pytest.raises(ValueError, match="out must be"):
+        triton_outer.outer_forward(h, t, w, torch.empty(4, 6, 2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("precision", ["fp32"] + (["bf16"] if CUDA else []))
+@pytest.mark.parametrize("level", [FuseLevel.EDGE_FRAME, FuseLevel.FULL], ids=lambda v: v.name)
+def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, precision, monkeypatch):
+    """A ConvSE3 (degrees 0-2, every block kind: K = 1 and 2 rows, several parts, self-interaction) with its
+    blocks in the Triton kernels against the PyTorch paths, outputs and gradients of inputs and parameters, in
+    float32 (strict: no TF32) and, on CUDA, under bf16 autocast (within bf16's rounding of either path)."""
+    from se3t import get_basis
+    from se3t.nn import fused
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fin = Fiber({0: 3, 1: 2, 2: 2})
+    conv = ConvSE3(fin, Fiber({0: 3, 1: 2, 2: 2}), Fiber({0: 2}), self_interaction=True,
+                   use_layer_norm=True).to(DEVICE)
+    conv.fuse_level = level
+    pos, ei, _ = random_graph(9, p=0.5)
+    pos, ei = pos.float().to(DEVICE), ei.to(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    x = {d: torch.randn(9, c, 2 * d + 1, generator=gen).to(DEVICE).requires_grad_(True) for d, c in fin}
+    e0 = torch.randn(ei.shape[1], 2, 1, generator=gen).to(DEVICE)
+
+    def run(mode):
+        monkeypatch.setattr(fused, "TRITON", mode)
+        rel = pos[ei[1]] - pos[ei[0]]
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = conv(x, {0: e0}, torch.cat([e0.squeeze(-1), safe_norm(rel)[0]], -1), ei, get_basis(rel, 2))
+        loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
+        return [*out.values(), *torch.autograd.grad(loss, [*x.values(), *conv.parameters()])]
+
+    for a, b in zip(run("never"), run("always")):
+        assert _rel(b, a) < (1e-5 if precision == "fp32" else 3e-2)
