@@ -141,6 +141,30 @@ if triton is not None:
                      mask=rmask[:, None] & (hcols[None, :] < H))
 
 
+    # On CUDA the launches are autotuned per shape (a few configs, timed once per shape during the first, eager
+    # steps; a CUDA graph captures the chosen one). The interpreter runs the first config of each list.
+    def _configs(tiles, warps=(4, 8, 4)):
+        return [triton.Config(dict(zip(("BM", "BI", "BO"), tile)), num_warps=nw) for tile, nw in zip(tiles, warps)]
+
+    _FORWARD_CONFIGS = _configs([(64, 32, 64), (128, 32, 64), (64, 64, 128)])
+    _GRAD_W_CONFIGS = _configs([(64,), (128,), (32,)])       # BM only: the tiles fix the partial buffers
+    _GRAD_INPUTS_CONFIGS = _configs([(64,), (128,), (32,)])
+    _KEY = ["M", "H", "KIN", "COUT"]
+    _outer_forward_tuned = triton.autotune(_FORWARD_CONFIGS, key=_KEY)(_outer_forward)
+    _outer_grad_w_tuned = triton.autotune(_GRAD_W_CONFIGS, key=_KEY)(_outer_grad_w)
+    _outer_grad_inputs_tuned = triton.autotune(_GRAD_INPUTS_CONFIGS, key=_KEY)(_outer_grad_inputs)
+
+
+def _launch(kernel, tuned, configs, grid, args, on_cuda: bool, **constexprs):
+    """Launch the autotuned kernel on CUDA, else (interpreter) the plain one with the first config."""
+    if on_cuda:
+        tuned[grid](*args, **constexprs)
+        return
+    cfg = configs[0]
+    meta = dict(constexprs, **cfg.kwargs)
+    kernel[grid(meta)](*args, **meta, num_warps=cfg.num_warps)
+
+
 def _check(h: Tensor, t: Tensor, w: Tensor) -> Tuple[int, int, int, int, int]:
     if triton is None:
         raise RuntimeError("se3t.nn.triton_outer needs triton (pip install triton)")
@@ -177,10 +201,10 @@ def outer_forward(h: Tensor, t: Tensor, w: Tensor, out: Tensor) -> Tensor:
     M = E * K
     if M == 0:
         return out
-    BM, BI, BO = 64, 32, min(64, _pow2(COUT))
-    grid = (triton.cdiv(M, BM), triton.cdiv(COUT, BO))
-    _outer_forward[grid](h, t, w, out, M, H, KIN, COUT, h.stride(0), out.stride(0), out.stride(1),
-                         K=K, BM=BM, BI=BI, BO=BO, IEEE=_ieee(w.dtype), ACC=_acc(w.dtype), num_warps=4)
+    _launch(_outer_forward, _outer_forward_tuned, _FORWARD_CONFIGS,
+            lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(COUT, meta["BO"])),
+            (h, t, w, out, M, H, KIN, COUT, h.stride(0), out.stride(0), out.stride(1)), h.is_cuda,
+            K=K, IEEE=_ieee(w.dtype), ACC=_acc(w.dtype))
     return out
 
 
@@ -196,30 +220,33 @@ def outer_backward(h: Tensor, t: Tensor, w: Tensor, g: Tensor, need_w: bool, nee
     ieee = _ieee(w.dtype)
     grad_w = grad_h = None
     if need_w:
-        BM, BI, BO = 64, 32, min(64, _pow2(COUT))
+        BI, BO = 32, 64
         tiles = H * triton.cdiv(KIN, BI) * triton.cdiv(COUT, BO)
-        # enough programs to fill a large GPU; each split sums its own rows, the splits are summed after
-        splits = max(1, min(triton.cdiv(M, 4 * BM), triton.cdiv(1024, tiles)))
-        rows_per_split = BM * triton.cdiv(triton.cdiv(max(M, 1), splits), BM)
+        # enough programs to fill a large GPU; each split sums its own rows (a multiple of 128, so of every
+        # config's BM), the splits are summed after
+        splits = max(1, min(triton.cdiv(M, 512), triton.cdiv(1024, tiles)))
+        rows_per_split = 128 * triton.cdiv(triton.cdiv(max(M, 1), splits), 128)
         partial = torch.empty(splits, H, KIN, COUT, dtype=_acc_torch(w.dtype), device=h.device)
         if M == 0:
             partial.zero_()
         else:
-            _outer_grad_w[(tiles // triton.cdiv(COUT, BO), triton.cdiv(COUT, BO), splits)](
-                h, t, g, partial, M, H, KIN, COUT, h.stride(0), g.stride(0), g.stride(1), rows_per_split,
-                K=K, BM=BM, BI=BI, BO=BO, IEEE=ieee, ACC=_acc(w.dtype), num_warps=4)
+            _launch(_outer_grad_w, _outer_grad_w_tuned, _GRAD_W_CONFIGS,
+                    lambda meta: (H * triton.cdiv(KIN, BI), triton.cdiv(COUT, BO), splits),
+                    (h, t, g, partial, M, H, KIN, COUT, h.stride(0), g.stride(0), g.stride(1), rows_per_split),
+                    h.is_cuda, K=K, BI=BI, BO=BO, IEEE=ieee, ACC=_acc(w.dtype))
         grad_w = partial.sum(0) if splits > 1 else partial[0]
     if (need_h or grad_t is not None) and M > 0:
         if grad_t is not None and (grad_t.shape != t.shape or not grad_t.is_contiguous()):
             raise ValueError(f"grad_t must be a contiguous {tuple(t.shape)} tensor")
-        BM, BI, BC, BH = 64, 32, _pow2(COUT), _pow2(H)
+        BI, BC, BH = 32, _pow2(COUT), _pow2(H)
         n_i = triton.cdiv(KIN, BI)
         wt = w.permute(0, 2, 1).contiguous()  # [H, C_out, K_in]: W^T's tiles for gz = g @ W^T
         gh = torch.empty(n_i, M, H, dtype=_acc_torch(w.dtype), device=h.device) if need_h else None
-        _outer_grad_inputs[(triton.cdiv(M, BM), n_i)](
-            h, t, wt, g, grad_t if grad_t is not None else t, gh if gh is not None else t, M, H, KIN, COUT,
-            h.stride(0), g.stride(0), g.stride(1), K=K, BM=BM, BI=BI, BC=BC, BH=BH,
-            NEED_T=grad_t is not None, NEED_H=need_h, IEEE=ieee, ACC=_acc(w.dtype), num_warps=4)
+        _launch(_outer_grad_inputs, _outer_grad_inputs_tuned, _GRAD_INPUTS_CONFIGS,
+                lambda meta: (triton.cdiv(M, meta["BM"]), n_i),
+                (h, t, wt, g, grad_t if grad_t is not None else t, gh if gh is not None else t, M, H, KIN, COUT,
+                 h.stride(0), g.stride(0), g.stride(1)), h.is_cuda, K=K, BI=BI, BC=BC, BH=BH,
+                NEED_T=grad_t is not None, NEED_H=need_h, IEEE=ieee, ACC=_acc(w.dtype))
         if need_h:
             grad_h = gh.sum(0).view(E, K, H).sum(1)
     elif need_h:
