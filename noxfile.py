@@ -18,9 +18,10 @@ def _install(session, extras=None):
 
 @nox.session(python="3.11")
 def tests(session):
-    """Every test, with all optional extras (RDKit, qm9pack, matplotlib, se3-transformer-pytorch) installed."""
-    _install(session, "all")
-    session.run("pytest", *(session.posargs or ["-q"]), env={"SE3T_REQUIRE": "rdkit,qm9,peers"})
+    """Every test, with all optional extras (RDKit, qm9pack, matplotlib, se3-transformer-pytorch) and triton (its
+    kernels run in Triton's interpreter on CPU) installed."""
+    _install(session, "all,triton")
+    session.run("pytest", *(session.posargs or ["-q"]), env={"SE3T_REQUIRE": "rdkit,qm9,peers,triton"})
 
 
 @nox.session(python="3.11")

@@ -15,7 +15,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for p in $(echo "$PRECISIONS" | tr ',' ' '); do
     "$PY" -m benchmarks.profile_step --device cuda --data-file "$DATA_FILE" --batch-size "$BATCH" --level "$LEVEL" \
-        --precision "$p" --mode train --top 45 --out "$OUT/profile-$p-train.txt" 2>&1 | grep -v "^USDT\|^STAGE" | head -12
+        --precision "$p" --mode train --top 45 --out "$OUT/profile-$p-train.txt" 2>&1 \
+        | grep -v "^USDT\|^STAGE" | head -12
 done
 if [ "${BENCH:-1}" = 1 ]; then
     "$PY" -m benchmarks qm9 --device cuda --data saved --data-file "$DATA_FILE" --model paper --batch-sizes "$BATCH" \

@@ -47,6 +47,8 @@ def _available(capability: str) -> bool:
         return importlib.util.find_spec("se3_transformer_pytorch") is not None
     if capability == "gpu":
         return torch.cuda.is_available()
+    if capability == "triton":
+        return importlib.util.find_spec("triton") is not None
     raise pytest.UsageError(f"SE3T_REQUIRE: unknown capability {capability!r}")
 
 

@@ -143,9 +143,16 @@ def test_cuda_graph_step_argument_errors():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("level", [FuseLevel.EDGE_FRAME, FuseLevel.FULL, FuseLevel.NONE])
-def test_graphed_training_matches_eager(level):
-    """Loss, gradients and parameters after three AdamW steps over two batch shapes: replayed graphs == eager."""
+@pytest.mark.parametrize("level, kernels", [(FuseLevel.EDGE_FRAME, "pytorch"), (FuseLevel.FULL, "pytorch"),
+                                           (FuseLevel.NONE, "pytorch"), (FuseLevel.EDGE_FRAME, "triton"),
+                                           (FuseLevel.FULL, "triton")])
+def test_graphed_training_matches_eager(level, kernels, monkeypatch):
+    """Loss, gradients and parameters after three AdamW steps over two batch shapes: replayed graphs == eager; the
+    fused conv's blocks in the PyTorch paths or as Triton kernels (autotuned in the warm-up, captured after)."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+        from se3t.nn import fused
+        monkeypatch.setattr(fused, "TRITON", "always")
     batches = [_inputs(14, 2, device="cuda", seed=s) for s in (1, 2)] + [_inputs(20, 3, device="cuda", seed=3)]
     targets = [torch.randn(b["num_graphs"], device="cuda") for b in batches]
     eager, graphed_model = _model(level, device="cuda"), _model(level, device="cuda")

@@ -21,18 +21,17 @@ from core_helpers import random_graph
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 #: Triton's interpreter must be on before triton is first imported (its own library functions are decorated at
 #: import), so on CPU these tests run in a child process started with TRITON_INTERPRET=1
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# the kernel tests need triton where they run (SE3T_REQUIRE=triton fails their skips); on CPU the parent process
+# only routes them to the child, and the routing test is the one that needs triton
+pytestmark = [pytest.mark.triton] if (CUDA or INTERPRETED) else []
 
 
 def _require_triton():
     if not HAVE_TRITON:
-        if "triton" in os.environ.get("SE3T_REQUIRE", ""):
-            pytest.fail("triton is not installed (SE3T_REQUIRE=triton)")
         pytest.skip("triton is not installed")
 
 
@@ -45,16 +44,17 @@ def triton_outer():
     return module
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="CUDA runs the kernels compiled; this is the CPU route")
-def test_triton_kernels_in_the_interpreter():
-    """Without CUDA: every test of this file, in a child process with Triton's interpreter."""
-    _require_triton()
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not in_the_interpreter",
-                           __file__],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+if not (CUDA or INTERPRETED):
+    @pytest.mark.triton
+    def test_triton_kernels_in_the_interpreter():
+        """Without CUDA: every other test of this file, in a child process with Triton's interpreter."""
+        _require_triton()
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        summary = proc.stdout.strip().splitlines()[-1]
+        assert " passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
 
 
 def _reference(h, t, w):
@@ -143,3 +143,21 @@ def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, prec
 
     for a, b in zip(run("never"), run("always")):
         assert _rel(b, a) < (1e-5 if precision == "fp32" else 3e-2)
+
+
+def test_kernel_choice_setting(monkeypatch):
+    """``se3t.nn.fused.TRITON``: never on CPU in "auto" (the interpreter is for tests), a clear error for an unknown
+    value, and for "always" without triton."""
+    from se3t.nn import fused, triton_outer as module
+
+    h = torch.zeros(3, 2)
+    for mode in ("auto", "never"):
+        monkeypatch.setattr(fused, "TRITON", mode)
+        assert not fused._use_triton(h)
+    monkeypatch.setattr(fused, "TRITON", "sometimes")
+    with pytest.raises(ValueError, match="'auto', 'never' or 'always'"):
+        fused._use_triton(h)
+    monkeypatch.setattr(fused, "TRITON", "always")
+    monkeypatch.setattr(module, "available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs triton"):
+        fused._use_triton(h)

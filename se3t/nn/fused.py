@@ -55,9 +55,10 @@ CHUNK_VALUES = 1 << 19
 #: model; 64 was 14 % slower) with half the per-thread group buffers. On the 2-core Xeon: 64 1.14x, 256 1.10x.
 GROUP_EDGES = 128
 #: CPU group and tile budget for 2-byte dtypes (bf16/fp16 autocast): four times fp32's values per tile (4 MiB of
-#: bf16 against 2 MiB of fp32) in groups of up to 512 edges. Measured on a 2-core AMD EPYC Zen 4 (AVX-512 with native bf16 dot products), same process,
-#: paper model, batch 100, bf16 autocast, against the fp32 settings: 0.85x the training step with 256 edges and
-#: 1 Mi values, 0.93x that again with 512 and 2 Mi (1,024 and 4 Mi: 1.05x); inference 0.92x. fp32 gains
+#: bf16 against 2 MiB of fp32) in groups of up to 512 edges. Measured on a 2-core AMD EPYC Zen 4 (AVX-512 with
+#: native bf16 dot products), same process, paper model, batch 100, bf16 autocast, against the fp32 settings:
+#: 0.85x the training step with 256 edges and 1 Mi values, 0.93x that again with 512 and 2 Mi (1,024 and 4 Mi:
+#: 1.05x); inference 0.92x. fp32 gains
 #: nothing reliable there (256 edges: 0.94-0.95x; 512 edges with 2 Mi values: 1.14x), so it keeps the values
 #: above. A group is at most half of an intra-op thread's share of the edges (see _cpu_limits).
 GROUP_EDGES_16BIT = 512
@@ -185,7 +186,8 @@ def _use_triton(h: Tensor) -> bool:
         if TRITON == "always":
             raise RuntimeError("se3t.nn.fused.TRITON = 'always' needs triton (pip install triton)")
         return False
-    return TRITON == "always" or h.dtype.itemsize == 2 or torch.backends.cuda.matmul.allow_tf32
+    return TRITON == "always" or h.dtype.itemsize == 2 or (h.dtype == torch.float32
+                                                             and torch.backends.cuda.matmul.allow_tf32)
 
 
 def _triton_step(block: BlockSpec, E: int) -> int:
@@ -372,7 +374,8 @@ def _triton_forward_step(b: BlockSpec, j: int, dims: List[int], Wj_t: Tensor, h:
 
     def buffers(arena: _Arena):
         width = bases.width(j)
-        return (arena.take(1, group * b.K * b.k_in, h).view(group, b.K, b.k_in), arena.take(2, group * b.K * b.k_in, h),
+        return (arena.take(1, group * b.K * b.k_in, h).view(group, b.K, b.k_in),
+                arena.take(2, group * b.K * b.k_in, h),
                 arena.take(3, group * width, bases.sh) if width else None,
                 arena.take(4, group * width, h) if (width and cast) else None)
 
@@ -562,7 +565,8 @@ class _FusedConv(torch.autograd.Function):
             if triton:  # one group of (nearly) all edges; W as [H, K_in, C_out]
                 group, tile = _triton_step(b, E), b.c_out
                 W_hio = Wj.view(b.c_out, b.k_in, H).permute(2, 1, 0).contiguous()
-            elif outer:  # as in forward; W'^T [c_out, (h, i)] contiguous: grad (h ⊗ tmp) = g @ W'^T reads it row-major
+            elif outer:  # as in forward; W'^T [c_out, (h, i)] contiguous: grad (h ⊗ tmp) = g @ W'^T reads
+                # it row-major
                 group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
                 W_outer_t = Wj.view(b.c_out, b.k_in, H).transpose(1, 2).reshape(b.c_out, H * b.k_in)
             else:

@@ -55,7 +55,8 @@ if triton is not None:
 
     @triton.jit
     def _outer_forward(h_ptr, t_ptr, w_ptr, out_ptr, M, H, KIN, COUT, s_he, s_oe, s_ok,
-                       K: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+                       K: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, IEEE: tl.constexpr,
+                       ACC: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         e = rows // K
@@ -78,7 +79,8 @@ if triton is not None:
 
     @triton.jit
     def _outer_grad_w(h_ptr, t_ptr, g_ptr, gw_ptr, M, H, KIN, COUT, s_he, s_ge, s_gk, rows_per_split,
-                      K: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+                      K: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, IEEE: tl.constexpr,
+                      ACC: tl.constexpr):
         n_i = tl.cdiv(KIN, BI)
         hh = tl.program_id(0) // n_i
         icols = (tl.program_id(0) % n_i) * BI + tl.arange(0, BI)
@@ -106,7 +108,8 @@ if triton is not None:
     @triton.jit
     def _outer_grad_inputs(h_ptr, t_ptr, wt_ptr, g_ptr, gt_ptr, gh_ptr, M, H, KIN, COUT, s_he, s_ge, s_gk,
                            K: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr,
-                           BH: tl.constexpr, NEED_T: tl.constexpr, NEED_H: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+                           BH: tl.constexpr, NEED_T: tl.constexpr, NEED_H: tl.constexpr, IEEE: tl.constexpr,
+                           ACC: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         e = rows // K
