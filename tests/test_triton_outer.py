@@ -115,33 +115,55 @@ def test_outer_kernels_reject_bad_layouts(triton_outer):
 
 @pytest.mark.parametrize("precision", ["fp32"] + (["bf16"] if CUDA else []))
 @pytest.mark.parametrize("level", [FuseLevel.EDGE_FRAME, FuseLevel.FULL], ids=lambda v: v.name)
-def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, precision, monkeypatch):
+@pytest.mark.parametrize("variant", ["node-inputs", "edge-inputs-blockwise"])
+def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, precision, variant, monkeypatch):
     """A ConvSE3 (degrees 0-2, every block kind: K = 1 and 2 rows, several parts, self-interaction) with its
-    blocks in the Triton kernels against the PyTorch paths, outputs and gradients of inputs and parameters, in
-    float32 (strict: no TF32) and, on CUDA, under bf16 autocast (within bf16's rounding of either path)."""
+    blocks in the Triton kernels against the PyTorch paths, outputs and gradients of inputs, parameters and (FULL)
+    positions, in float32 (strict: no TF32) and, on CUDA, under bf16 autocast (within bf16's rounding of either
+    path). Scalar edge features: the kernel gathers the source nodes' features itself; with degree-1 edge
+    features it takes edge-level inputs, here also one block at a time (``blockwise_kernel``, low memory's)."""
     from se3t import get_basis
     from se3t.nn import fused
 
     torch.backends.cuda.matmul.allow_tf32 = False
     fin = Fiber({0: 3, 1: 2, 2: 2})
-    conv = ConvSE3(fin, Fiber({0: 3, 1: 2, 2: 2}), Fiber({0: 2}), self_interaction=True,
-                   use_layer_norm=True).to(DEVICE)
+    edge_inputs = variant == "edge-inputs-blockwise"
+    conv = ConvSE3(fin, Fiber({0: 3, 1: 2, 2: 2}), Fiber({0: 2, 1: 1} if edge_inputs else {0: 2}),
+                   self_interaction=True, use_layer_norm=True).to(DEVICE)
     conv.fuse_level = level
+    conv.blockwise_kernel = edge_inputs
     pos, ei, _ = random_graph(9, p=0.5)
-    pos, ei = pos.float().to(DEVICE), ei.to(DEVICE)
+    pos, ei = pos.float().to(DEVICE).requires_grad_(level == FuseLevel.FULL), ei.to(DEVICE)
     gen = torch.Generator().manual_seed(1)
     x = {d: torch.randn(9, c, 2 * d + 1, generator=gen).to(DEVICE).requires_grad_(True) for d, c in fin}
-    e0 = torch.randn(ei.shape[1], 2, 1, generator=gen).to(DEVICE)
+    edge = {0: torch.randn(ei.shape[1], 2, 1, generator=gen).to(DEVICE)}
+    if edge_inputs:
+        edge[1] = torch.randn(ei.shape[1], 1, 3, generator=gen).to(DEVICE)
 
     def run(mode):
         monkeypatch.setattr(fused, "TRITON", mode)
         rel = pos[ei[1]] - pos[ei[0]]
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = conv(x, {0: e0}, torch.cat([e0.squeeze(-1), safe_norm(rel)[0]], -1), ei, get_basis(rel, 2))
+            out = conv(x, edge, torch.cat([edge[0].squeeze(-1), safe_norm(rel)[0]], -1), ei, get_basis(rel, 2))
         loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
-        return [*out.values(), *torch.autograd.grad(loss, [*x.values(), *conv.parameters()])]
+        wrt = ([pos] if pos.requires_grad else []) + [*x.values(), *conv.parameters()]
+        return [*out.values(), *torch.autograd.grad(loss, wrt)]
 
-    for a, b in zip(run("never"), run("always")):
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(triton_outer, "outer_forward", counted("forward", triton_outer.outer_forward))
+    monkeypatch.setattr(triton_outer, "outer_backward", counted("backward", triton_outer.outer_backward))
+    reference = run("never")
+    assert calls == {"forward": 0, "backward": 0}  # the PyTorch paths
+    fast = run("always")
+    assert calls["forward"] >= 3 and calls["backward"] == calls["forward"]  # every block ran in the kernels
+    for a, b in zip(reference, fast):
         assert _rel(b, a) < (1e-5 if precision == "fp32" else 3e-2)
 
 

@@ -16,7 +16,7 @@ nothing per edge but ``t``, ``h``, the output and its gradient touches device me
                grad_t[r, i] = sum_h h[e, h] gz[r, (h, i)],  grad_h[r, h] = sum_i t[r, i] gz[r, (h, i)]
 
 ``K`` output rows per edge cost ``K`` times the ``R`` order's radial GEMM FLOPs (cheap on tensor cores, not in
-strict fp32: the kernel runs for 2-byte dtypes and TF32, see :func:`se3t.nn.fused` ``TRITON``). Products are
+strict fp32: the kernels run for 2-byte dtypes and TF32, see :data:`se3t.nn.fused.TRITON`). Products are
 taken in float32 and rounded to the operands' dtype for the tensor-core dot (as autocast rounds ``R``);
 accumulation is float32 throughout. The PyTorch paths are the reference (tests compare; on CPU with
 ``TRITON_INTERPRET=1``).
