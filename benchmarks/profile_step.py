@@ -49,20 +49,31 @@ def _table(events, device_type: str) -> Tuple[List[Tuple[str, int, float]], int,
     per: Dict[str, List[float]] = collections.defaultdict(lambda: [0, 0.0])
     count, total = 0, 0.0
     for e in events:
-        if device_type == "cuda":
-            t = e.self_device_time_total
-            if t <= 0:
-                continue
-            n = e.count
-        else:
-            t = e.self_cpu_time_total
-            n = e.count
+        t = e.self_device_time_total if device_type == "cuda" else e.self_cpu_time_total
+        if t <= 0:
+            continue
+        n = e.count
         per[e.key][0] += n
         per[e.key][1] += t * 1e-6
         count += n
         total += t * 1e-6
     rows = sorted(((k, int(v[0]), v[1]) for k, v in per.items()), key=lambda r: -r[2])
     return rows, count, total
+
+
+def _graph_replay_ms(step, params, repeats: int) -> float:
+    """Milliseconds per replay of ``step`` captured as a CUDA graph (after two replays), timed with CUDA events."""
+    graphed = se3t.CUDAGraphStep(lambda: step(), params=params)
+    for _ in range(2):
+        graphed()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graphed()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def profile_step(model, batch: dict, precision: str, device: torch.device, mode: str, top: int = 40,
@@ -99,31 +110,10 @@ def profile_step(model, batch: dict, precision: str, device: torch.device, mode:
     rows, count, total = _table(prof.key_averages(), device.type)
     unit = "device" if device.type == "cuda" else "CPU (self)"
     lines.append(f"ops with {unit} time: {count} calls, {1e3 * total:.2f} ms summed")
-    if device.type == "cuda" and mode == "train":
-        params = [p for p in model.parameters() if p.requires_grad]
-        graphed = se3t.CUDAGraphStep(lambda: step(), params=params)
-        for _ in range(2):
-            graphed()
-        sync(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(graph_repeats):
-            graphed()
-        end.record()
-        sync(device)
-        lines.append(f"CUDA graph replay (forward + loss + backward): {start.elapsed_time(end) / graph_repeats:.2f} ms")
-    elif device.type == "cuda":
-        graphed = se3t.CUDAGraphStep(lambda: step())
-        for _ in range(2):
-            graphed()
-        sync(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(graph_repeats):
-            graphed()
-        end.record()
-        sync(device)
-        lines.append(f"CUDA graph replay (forward): {start.elapsed_time(end) / graph_repeats:.2f} ms")
+    if device.type == "cuda":
+        params = [p for p in model.parameters() if p.requires_grad] if mode == "train" else None
+        what = "forward + loss + backward" if mode == "train" else "forward"
+        lines.append(f"CUDA graph replay ({what}): {_graph_replay_ms(step, params, graph_repeats):.2f} ms")
     lines.append("")
     lines.append(f"top ops by {unit} time: calls, ms, share")
     for name, n, t in rows[:top]:
