@@ -79,9 +79,10 @@ CHUNK_VALUES_ACCELERATOR = 1 << 26
 #: Blocks on CUDA in 2-byte dtypes (bf16/fp16 autocast) or TF32 run as Triton kernels (:mod:`se3t.nn.triton_outer`)
 #: that form ``h ⊗ tmp`` tile by tile on chip: no per-edge ``R`` or ``h ⊗ tmp`` in device memory, and one launch
 #: per block instead of a handful of batched GEMMs (on an H200 the ``R`` order's batched per-edge GEMMs were the
-#: largest share of a bf16 training step's kernel time). ``"auto"``: there, when ``triton`` imports; ``"never"``:
-#: the PyTorch paths (the reference; strict fp32 keeps them, where the outer order's ``K``-fold GEMM FLOPs would
-#: run without tensor cores); ``"always"``: every device and dtype (tests, on CPU with ``TRITON_INTERPRET=1``).
+#: largest share of a bf16 training step's kernel time). ``"auto"``: there, on NVIDIA GPUs of compute capability
+#: 8.0 or newer, when ``triton`` imports; ``"never"``: the PyTorch paths (the reference; strict fp32 keeps them,
+#: where the outer order's ``K``-fold GEMM FLOPs would run without tensor cores); ``"always"``: every device and
+#: dtype (tests, on CPU with ``TRITON_INTERPRET=1``).
 TRITON = os.environ.get("SE3T_TRITON", "auto")
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
 PARALLEL_RANGES = True
@@ -186,8 +187,12 @@ def _use_triton(h: Tensor) -> bool:
         if TRITON == "always":
             raise RuntimeError("se3t.nn.fused.TRITON = 'always' needs triton (pip install triton)")
         return False
-    return TRITON == "always" or h.dtype.itemsize == 2 or (h.dtype == torch.float32
-                                                             and torch.backends.cuda.matmul.allow_tf32)
+    if TRITON == "always":
+        return True
+    # "auto": NVIDIA GPUs from Ampere on (bf16 and TF32 tensor-core dots; the kernels were measured on Hopper only)
+    if torch.version.hip is not None or torch.cuda.get_device_capability(h.device) < (8, 0):
+        return False
+    return h.dtype.itemsize == 2 or (h.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
 
 
 def _triton_step(block: BlockSpec, E: int) -> int:
