@@ -67,12 +67,12 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("E, H, K, K_in, C_out", [(37, 5, 2, 40, 24), (70, 32, 1, 64, 96), (9, 3, 3, 11, 2),
-                                                  (0, 4, 2, 16, 16)])
+                                                  (0, 4, 2, 16, 16), (21, 3, 2, 20, 200)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_outer_kernels_match_einsum(triton_outer, E, H, K, K_in, C_out, dtype):
     """Forward and every gradient against float64 autograd of the same einsum; the output written into a strided
     view (a block of a wider output) leaves the other columns alone; shapes that are not multiples of the tiles
-    (masking), K = 1, 2, 3 rows per edge, and no edges at all."""
+    (masking), K = 1, 2, 3 rows per edge, no edges at all, and more output channels than one tile (200 > 128)."""
     g = torch.Generator().manual_seed(E + K)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device=DEVICE, dtype=dtype)  # noqa: E731
     h, t, w, gout = rnd(E, H), rnd(E, K, K_in), rnd(H, K_in, C_out), rnd(E, K, C_out)

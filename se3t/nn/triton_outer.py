@@ -42,6 +42,11 @@ def available() -> bool:
     return triton is not None
 
 
+#: Output channels of one tile in the input-gradient kernel; wider blocks loop over tiles (the paper model's widest
+#: block, 128 channels, is one tile: the configuration measured on the H200).
+MAX_CHANNEL_TILE = 128
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << max(0, (int(n) - 1).bit_length()))
 
@@ -109,7 +114,7 @@ if triton is not None:
     def _outer_grad_inputs(h_ptr, t_ptr, wt_ptr, g_ptr, gt_ptr, gh_ptr, M, H, KIN, COUT, s_he, s_ge, s_gk,
                            K: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr,
                            BH: tl.constexpr, NEED_T: tl.constexpr, NEED_H: tl.constexpr, IEEE: tl.constexpr,
-                           ACC: tl.constexpr):
+                           ACC: tl.constexpr, SINGLE_C: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         e = rows // K
@@ -117,9 +122,10 @@ if triton is not None:
         icols = tl.program_id(1) * BI + tl.arange(0, BI)
         imask = icols < KIN
         ccols = tl.arange(0, BC)
-        cmask = ccols < COUT
-        g = tl.load(g_ptr + (e * s_ge + k * s_gk)[:, None] + ccols[None, :], mask=rmask[:, None] & cmask[None, :],
-                    other=0.0)
+        g_rows = g_ptr + (e * s_ge + k * s_gk)[:, None]
+        if SINGLE_C:  # all output channels in one tile: g's rows are loaded once
+            cmask = ccols < COUT
+            g = tl.load(g_rows + ccols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         t = tl.load(t_ptr + rows[:, None] * KIN + icols[None, :], mask=rmask[:, None] & imask[None, :],
                     other=0.0).to(ACC)
         hcols = tl.arange(0, BH)
@@ -127,9 +133,19 @@ if triton is not None:
         gh = tl.zeros((BM, BH), dtype=ACC)
         for hh in range(0, H):
             # W^T's tile [C_out, i] for this h: wt is [H, C_out, K_in]
-            w = tl.load(wt_ptr + hh * COUT * KIN + ccols[:, None] * KIN + icols[None, :],
-                        mask=cmask[:, None] & imask[None, :], other=0.0)
-            gz = _dot(g, w, tl.zeros((BM, BI), dtype=ACC), IEEE)
+            if SINGLE_C:
+                w = tl.load(wt_ptr + hh * COUT * KIN + ccols[:, None] * KIN + icols[None, :],
+                            mask=cmask[:, None] & imask[None, :], other=0.0)
+                gz = _dot(g, w, tl.zeros((BM, BI), dtype=ACC), IEEE)
+            else:  # wide blocks: output channels in tiles of BC (g's rows re-read from cache for each h)
+                gz = tl.zeros((BM, BI), dtype=ACC)
+                for c0 in range(0, COUT, BC):
+                    cc = c0 + ccols
+                    cm = cc < COUT
+                    gc = tl.load(g_rows + cc[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+                    wc = tl.load(wt_ptr + hh * COUT * KIN + cc[:, None] * KIN + icols[None, :],
+                                 mask=cm[:, None] & imask[None, :], other=0.0)
+                    gz = _dot(gc, wc, gz, IEEE)
             if NEED_T:
                 hv = tl.load(h_ptr + e * s_he + hh, mask=rmask, other=0.0).to(ACC)
                 gt += gz * hv[:, None]
@@ -142,7 +158,6 @@ if triton is not None:
         if NEED_H:
             tl.store(gh_ptr + tl.program_id(1) * M * H + rows[:, None] * H + hcols[None, :], gh,
                      mask=rmask[:, None] & (hcols[None, :] < H))
-
 
     # On CUDA the launches are autotuned per shape (a few configs, timed once per shape during the first, eager
     # steps; a CUDA graph captures the chosen one). The interpreter runs the first config of each list.
@@ -241,7 +256,7 @@ def outer_backward(h: Tensor, t: Tensor, w: Tensor, g: Tensor, need_w: bool, nee
     if (need_h or grad_t is not None) and M > 0:
         if grad_t is not None and (grad_t.shape != t.shape or not grad_t.is_contiguous()):
             raise ValueError(f"grad_t must be a contiguous {tuple(t.shape)} tensor")
-        BI, BC, BH = 32, _pow2(COUT), _pow2(H)
+        BI, BC, BH = 32, min(_pow2(COUT), MAX_CHANNEL_TILE), _pow2(H)
         n_i = triton.cdiv(KIN, BI)
         wt = w.permute(0, 2, 1).contiguous()  # [H, C_out, K_in]: W^T's tiles for gz = g @ W^T
         gh = torch.empty(n_i, M, H, dtype=_acc_torch(w.dtype), device=h.device) if need_h else None
@@ -249,7 +264,7 @@ def outer_backward(h: Tensor, t: Tensor, w: Tensor, g: Tensor, need_w: bool, nee
                 lambda meta: (triton.cdiv(M, meta["BM"]), n_i),
                 (h, t, wt, g, grad_t if grad_t is not None else t, gh if gh is not None else t, M, H, KIN, COUT,
                  h.stride(0), g.stride(0), g.stride(1)), h.is_cuda, K=K, BI=BI, BC=BC, BH=BH,
-                NEED_T=grad_t is not None, NEED_H=need_h, IEEE=ieee, ACC=_acc(w.dtype))
+                NEED_T=grad_t is not None, NEED_H=need_h, IEEE=ieee, ACC=_acc(w.dtype), SINGLE_C=BC >= COUT)
         if need_h:
             grad_h = gh.sum(0).view(E, K, H).sum(1)
     elif need_h:
