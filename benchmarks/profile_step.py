@@ -45,10 +45,14 @@ def _step_fn(model, batch: dict, precision: str, device: torch.device, mode: str
 
 
 def _table(events, device_type: str) -> Tuple[List[Tuple[str, int, float]], int, float]:
-    """(name, calls, self seconds) per op sorted by time, the kernel/op count and total seconds."""
+    """(name, calls, self seconds) per op sorted by time, the op count and total seconds. Only host-side ops: on
+    CUDA their self device time is the time of the kernels they launched, and the kernels' own entries (listed
+    apart) would count it twice."""
     per: Dict[str, List[float]] = collections.defaultdict(lambda: [0, 0.0])
     count, total = 0, 0.0
     for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
         t = e.self_device_time_total if device_type == "cuda" else e.self_cpu_time_total
         if t <= 0:
             continue
