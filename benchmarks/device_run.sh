@@ -1,7 +1,8 @@
 #!/bin/sh
 # One run on a lent GPU machine (issue 7), prepared and tried on CPU so that device minutes go to measuring.
 # In order:
-#   0. the GPU tests (tests/test_cuda_graphs.py, and `se3t train --cuda_graphs` == eager);
+#   0. the GPU tests (tests/test_cuda_graphs.py, the Triton kernels' tests/test_triton_outer.py, and
+#      `se3t train --cuda_graphs` == eager);
 #   1. parity on the device in float64, outputs and gradients: FULL == NONE (positions included) and
 #      EDGE_FRAME == NONE (features and parameters), in both kernel orders, and the model's float32 equivariance;
 #   2. the paper model at batch 240, training and inference, each cell eager and replayed as CUDA graphs
@@ -36,7 +37,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 
 if [ "${TESTS:-1}" = 1 ]; then  # a failing GPU test is reported, and the measurements still run
-    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py \
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py tests/test_triton_outer.py \
         tests/runtime/test_training.py::test_cuda_graphs_training_equals_eager > "$OUT/gpu-tests.txt" 2>&1 || true
     tail -n 25 "$OUT/gpu-tests.txt"
 fi
