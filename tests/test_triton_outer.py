@@ -125,7 +125,6 @@ def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, prec
     from se3t import get_basis
     from se3t.nn import fused
 
-    torch.backends.cuda.matmul.allow_tf32 = False
     fin = Fiber({0: 3, 1: 2, 2: 2})
     edge_inputs = variant == "edge-inputs-blockwise"
     conv = ConvSE3(fin, Fiber({0: 3, 1: 2, 2: 2}), Fiber({0: 2, 1: 1} if edge_inputs else {0: 2}),
@@ -159,9 +158,14 @@ def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, prec
 
     monkeypatch.setattr(triton_outer, "outer_forward", counted("forward", triton_outer.outer_forward))
     monkeypatch.setattr(triton_outer, "outer_backward", counted("backward", triton_outer.outer_backward))
-    reference = run("never")
-    assert calls == {"forward": 0, "backward": 0}  # the PyTorch paths
-    fast = run("always")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # strict fp32: the kernels' dot in IEEE fp32
+    try:
+        reference = run("never")
+        assert calls == {"forward": 0, "backward": 0}  # the PyTorch paths
+        fast = run("always")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert calls["forward"] >= 3 and calls["backward"] == calls["forward"]  # every block ran in the kernels
     for a, b in zip(reference, fast):
         assert _rel(b, a) < (1e-5 if precision == "fp32" else 3e-2)
