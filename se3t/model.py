@@ -140,7 +140,13 @@ class SE3Transformer(nn.Module):
         blocks = destination_blocks(edge_index, num_nodes, num_blocks) if num_blocks > 1 else []
         # A layer is a graph module with the norms after it (their inputs would be one more stored copy).
         starts = [i for i, m in enumerate(self.graph_modules) if not isinstance(m, NormSE3)]
-        for start, stop in zip(starts, starts[1:] + [len(self.graph_modules)]):
+        stops = starts[1:] + [len(self.graph_modules)]
+        for start, stop in zip(starts, stops):
+            if len(blocks) <= 1 and stop == stops[-1]:
+                # The last layer's backward runs first: a checkpoint would recompute its activations right away,
+                # while every stored input is alive as now, so keeping them costs no more peak memory.
+                feats = self._run_modules(start, stop, feats, edge_feats, radial_in, edge_index, basis)
+                continue
             if len(blocks) <= 1:  # the whole graph is one block: no selection of edges
                 feats = checkpoint(self._run_modules, start, stop, feats, edge_feats, radial_in, edge_index, basis,
                                    use_reentrant=False)

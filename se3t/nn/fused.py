@@ -495,7 +495,8 @@ class _FusedConv(torch.autograd.Function):
             steps.append((outer_forward_range if outer else forward_range, forward_buffers, group,
                           E * b.c_out * b.k_in))
             outs.append(out)
-            Wj_t = W_outer = None  # held by the range function only
+            # held by the chosen range function only (the other one would keep this block's weights alive)
+            Wj_t = W_outer = forward_range = outer_forward_range = None
         if steps:
             hand_off()
         ctx.chunk, ctx.blockwise, ctx.blocks, ctx.num_x = chunk, blockwise, blocks, num_x
@@ -672,8 +673,8 @@ class _FusedConv(torch.autograd.Function):
                         if parts_in:
                             torch.bmm(h[S:S + m, None, :], gz, out=gtmp[:m])
                             scatter_parts(S, m, bts, gtmp, pbuf)
-                # back to the parameter's row order (c_out, k_in), as the fold expects
-                return None if gWt is None else gWt.view(b.c_out, H, b.k_in).transpose(1, 2).reshape(-1, H)
+                # in the parameter's row order (c_out, k_in) as a strided view: the fold adds it where it goes
+                return None if gWt is None else gWt.view(b.c_out, H, b.k_in).transpose(1, 2)
 
             def triton_backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in,
                                       W_hio=W_hio if triton else None, step=group, groups=groups,
@@ -700,12 +701,15 @@ class _FusedConv(torch.autograd.Function):
             if not need_W:
                 fold = (lambda _: None)
             elif weight_map is None:
-                fold = (lambda partial, r=rows[b.row:b.row + b.c_out * b.k_in]: grad_W.index_add_(0, r, partial))
-            else:
+                fold = (lambda partial, r=rows[b.row:b.row + b.c_out * b.k_in]:
+                        grad_W.index_add_(0, r, partial.reshape(-1, H)))
+            else:  # partials [C_out * K_in, H], or [C_out, K_in, H] (outer order): added as views, no copy
                 grad_Wj = torch.zeros(Wj.shape, dtype=acc_dtype, device=h.device)
-                fold = grad_Wj.add_
-            Wj = Wj_t = W_outer_t = W_hio = None  # the ranges hold their own references
+                fold = (lambda partial, g=grad_Wj: g.view(partial.shape).add_(partial))
             fn = triton_backward_range if triton else (outer_backward_range if outer else backward_range)
+            # the chosen range function holds its own references; the others would keep this block's weights
+            # alive through the next blocks' hand-offs (blockwise: one block's weights at a time)
+            Wj = Wj_t = W_outer_t = W_hio = backward_range = outer_backward_range = triton_backward_range = None
             steps.append((fn, backward_buffers, group,
                           E * b.c_out * b.k_in, fold, b.row, grad_Wj))
             grad_Wj = fold = None
