@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import se3t
 from se3t import Fiber
-from se3t.runtime.optim import build_optimizer
+from se3t.runtime.optim import StepInBackward, build_optimizer
 
 from .flops import model_flops
 from .machine import gemm_rate, precision_context, sync
@@ -225,14 +225,18 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
               precision: str, low_memory: bool, scatter_backend: str, device: str, warmup: int, repeats: int,
               max_seconds: Optional[float] = None, seed: int = 0, item: str = "graphs",
               measure_gemm: bool = True, gemm_size: int = 2048, compile_model: bool = False,
-              cuda_graphs: bool = False) -> Dict:
+              cuda_graphs: bool = False, optimizer_in_backward: bool = False) -> Dict:
     """Measure one cell: ``mode`` ``"train"`` (forward + L1 loss + backward + AdamW step) or ``"infer"``;
+    ``optimizer_in_backward``: the AdamW step made per parameter during backward
+    (:class:`se3t.runtime.optim.StepInBackward`: no step holds all gradients);
     ``compile_model``: time ``torch.compile(model, dynamic=False)`` (see the module docstring); ``cuda_graphs``:
     replay the forward (+ loss + backward) as a :class:`se3t.CUDAGraphStep`, one graph per padded batch shape
     captured before the timed steps; the optimizer steps eagerly."""
     dev = torch.device(device)
     if cuda_graphs and (dev.type != "cuda" or low_memory or compile_model):
         raise ValueError("cuda_graphs needs a CUDA device, low_memory off and compile off")
+    if optimizer_in_backward and (mode != "train" or precision == "fp16" or cuda_graphs):
+        raise ValueError("optimizer_in_backward needs training without fp16 loss scaling or CUDA graphs")
     model = build_model(kind, config, fuse_level, low_memory, seed).to(dev)
     result: Dict = {"num_parameters": sum(p.numel() for p in model.parameters())}
     with se3t.scatter.use_backend(scatter_backend), _fresh_compile_cache(compile_model):
@@ -247,6 +251,7 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
             # the trainer's AdamW (its fused kernel where it runs), betas (0.9, 0.999)
             opt = build_optimizer("adam", model.parameters(), lr=2e-3, weight_decay=0.1, momentum=0.9)
             scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+            in_backward = StepInBackward(opt) if optimizer_in_backward else None
 
             def eager_step(i: int) -> None:
                 b = dev_batches[i]
@@ -261,7 +266,8 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
                     scaler.update()
                 else:
                     loss.backward()
-                    opt.step()
+                    if in_backward is None:
+                        opt.step()
         else:
             model.eval()
 

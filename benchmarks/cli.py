@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fp32, tf32, fp16, bf16 (default: CPU fp32,bf16; CUDA all four)")
         f.add_argument("--batch-sizes", type=_csv(int), default=None, help="molecules per batch (default 100)")
         f.add_argument("--low-memory", type=_csv(_onoff), default=None, help="on,off (default both)")
+        f.add_argument("--optimizer-in-backward", type=_csv(_onoff), default=None,
+                       help="qm9 training: on (AdamW stepped per parameter during backward, "
+                            "se3t.runtime.optim.StepInBackward), off (default)")
         f.add_argument("--low-memory-levels", type=_csv(str), default=None,
                        help="levels measured with low_memory=on (default: the model's default level; 'all')")
         f.add_argument("--scatter-backends", type=_csv(), default=None, help="default: every se3t.scatter backend; quick: torch")
@@ -186,7 +189,7 @@ def _defaults(args, suite: str, device: torch.device) -> None:
 def _settings(args) -> dict:
     keep = ("device", "threads", "repeats", "warmup", "quick", "seed", "cell_timeout", "max_cell_seconds",
             "mem_limit_gb", "max_step_seconds", "levels", "precisions", "batch_sizes", "low_memory", "low_memory_levels",
-            "compile", "cuda_graphs", "scatter_backends", "modes", "model", "data", "num_batches", "sizes",
+            "optimizer_in_backward", "compile", "cuda_graphs", "scatter_backends", "modes", "model", "data", "num_batches", "sizes",
             "degree_points", "max_degree", "neighbours", "peer_depth", "gemm_size")
     s = {k: getattr(args, k, None) for k in keep}
     s["isolated_cells"] = not args.no_isolate

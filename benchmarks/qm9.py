@@ -65,16 +65,22 @@ def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
     for g in grid(batch_size=args.batch_sizes, scatter_backend=args.scatter_backends or list(backends),
                   precision=args.precisions, fuse_level=levels, low_memory=args.low_memory,
                   compile=getattr(args, "compile", None) or [False],
-                  cuda_graphs=getattr(args, "cuda_graphs", None) or [False], mode=args.modes):
+                  cuda_graphs=getattr(args, "cuda_graphs", None) or [False],
+                  optimizer_in_backward=getattr(args, "optimizer_in_backward", None) or [False], mode=args.modes):
         cell = Cell(suite="qm9", model=args.model, **g)
         why = precision_supported(g["precision"], device) or backends.get(g["scatter_backend"],
                                                                           "unknown scatter backend")
         if g["low_memory"] and g["fuse_level"] not in low_levels:
             continue  # not part of the grid (see --low-memory-levels)
+        if g["optimizer_in_backward"] and g["mode"] == "infer":
+            continue  # inference has no optimizer step
         if g["cuda_graphs"] and not why:
             why = ("CUDA graphs exist on CUDA only" if device.type != "cuda" else
                    "low_memory is not capturable (host-side block bounds)" if g["low_memory"] else
                    "compile and CUDA graphs are separate modes" if g["compile"] else None)
+        if g["optimizer_in_backward"] and not why:
+            why = ("fp16 loss scaling checks every gradient before any step" if g["precision"] == "fp16" else
+                   "CUDA graphs replay the backward without the per-parameter steps" if g["cuda_graphs"] else None)
         if why:
             cell.update(status="unsupported", reason=why)
         elif g["low_memory"] and g["mode"] == "infer":
@@ -101,6 +107,7 @@ def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
                 mode=g["mode"], fuse_level=g["fuse_level"], precision=g["precision"], low_memory=g["low_memory"],
                 scatter_backend=g["scatter_backend"], device=str(device), warmup=args.warmup, repeats=args.repeats,
                 max_seconds=args.max_cell_seconds, seed=args.seed, item="graphs", gemm_size=args.gemm_size,
-                compile_model=g["compile"], cuda_graphs=g["cuda_graphs"]))
+                compile_model=g["compile"], cuda_graphs=g["cuda_graphs"],
+                optimizer_in_backward=g["optimizer_in_backward"]))
         cells.append(cell)
     return cells

@@ -8,10 +8,10 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["markdown", "plot", "compare", "readme_table", "cell_key", "fmt_bytes", "utilisation"]
 
-_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "compile", "cuda_graphs",
-               "batch_size", "scatter_backend", "sweep", "num_points", "max_degree")
+_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "optimizer_in_backward", "compile",
+               "cuda_graphs", "batch_size", "scatter_backend", "sweep", "num_points", "max_degree")
 #: key fields left out of the key at this value: result files written before the field existed match these cells.
-_KEY_DEFAULTS = {"compile": False, "cuda_graphs": False}
+_KEY_DEFAULTS = {"compile": False, "cuda_graphs": False, "optimizer_in_backward": False}
 
 
 def cell_key(cell: dict) -> Tuple:
@@ -57,6 +57,11 @@ def _lowmem(v) -> str:
     return "-" if v is None else ("on" if v else "off")
 
 
+def _memory_mode(c: dict) -> str:
+    """The low-memory column: low_memory, and the optimizer stepped in backward where it was."""
+    return _lowmem(c.get("low_memory")) + (" + optimizer in backward" if c.get("optimizer_in_backward") else "")
+
+
 def _any_compiled(result: dict) -> bool:
     return any(c.get("compile") for c in result["cells"])
 
@@ -89,7 +94,7 @@ def _header(result: dict) -> List[str]:
 
 
 def _row_common(c: dict, compile_column: bool = False, graphs_column: bool = False) -> List[str]:
-    return [c.get("mode") or "-", c.get("fuse_level") or "-", c.get("precision") or "-", _lowmem(c.get("low_memory"))] \
+    return [c.get("mode") or "-", c.get("fuse_level") or "-", c.get("precision") or "-", _memory_mode(c)] \
         + ([_lowmem(c.get("compile"))] if compile_column else []) \
         + ([_lowmem(c.get("cuda_graphs"))] if graphs_column else []) \
         + [str(c.get("batch_size") or "-"), c.get("scatter_backend") or "-"]
@@ -258,7 +263,8 @@ def plot(result: dict, out_dir: Path, stem: str) -> Dict[str, Path]:
             groups = list(dict.fromkeys(str(c[key]) for c in cells))
             series: Dict[str, Dict[str, float]] = defaultdict(dict)
             for c in cells:
-                name = c["precision"] + (" low-mem" if c.get("low_memory") else "")
+                name = c["precision"] + (" low-mem" if c.get("low_memory") else "") \
+                    + (" opt-in-bwd" if c.get("optimizer_in_backward") else "")
                 name += " compiled" if c.get("compile") else ""
                 if result["suite"] == "peers":
                     name = f"{c['model'].split('/')[-1]} {c['precision']}"
@@ -279,7 +285,8 @@ def plot(result: dict, out_dir: Path, stem: str) -> Dict[str, Path]:
         series = defaultdict(dict)
         for c in cells:
             name = (f"{c['model'].split('/')[-1]} " if result["suite"] == "peers" else "") + c["precision"] + \
-                (" low-mem" if c.get("low_memory") else "") + (" compiled" if c.get("compile") else "")
+                (" low-mem" if c.get("low_memory") else "") + (" opt-in-bwd" if c.get("optimizer_in_backward") else "") \
+                + (" compiled" if c.get("compile") else "")
             series[name][str(c[key])] = c["memory"]["peak_bytes"] / 2 ** 30
         _bar_chart(ax, groups, dict(series), "peak memory (GiB)",
                    f"{cells[0]['mode'] if cells else ''}: peak memory by {key.replace('_', ' ')}")
@@ -345,7 +352,8 @@ def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
              "mem B/A |", "|---|---|---|---|---|---|---|---|"]
     for key in list(dict.fromkeys(list(ia) + list(ib))):
         ca, cb = ia.get(key), ib.get(key)
-        label = " ".join(f"lowmem={_lowmem(v)}" if k == "low_memory" else "compiled" if k == "compile" else f"{v}"
+        label = " ".join(f"lowmem={_lowmem(v)}" if k == "low_memory" else "compiled" if k == "compile" else
+                         "optimizer-in-backward" if k == "optimizer_in_backward" else f"{v}"
                          for k, v in key if k not in ("suite",))
 
         def tp(c):
@@ -378,7 +386,7 @@ def readme_table(result: dict, source: str = "") -> str:
         level = c.get("fuse_level")
         if level and c.get("compile"):
             level += " + compile"
-        key = (c.get("model"), level, c.get("precision"), c.get("low_memory"), c.get("batch_size"),
+        key = (c.get("model"), level, c.get("precision"), _memory_mode(c), c.get("batch_size"),
                c.get("scatter_backend"))
         rows.setdefault(key, {})[c["mode"]] = c
     multi_backend = len({k[5] for k in rows}) > 1
@@ -402,7 +410,7 @@ def readme_table(result: dict, source: str = "") -> str:
         any_ok = next((c for c in (tr, inf) if c and c["status"] in ("ok", "skipped") and c.get("equivariance")),
                       None)
         u = utilisation(tr, result) if tr and tr["status"] == "ok" else None
-        lines.append(f"| {level} | {precision} | {_lowmem(low)} | {bs} | " + (f"{backend} | " if multi_backend else "")
+        lines.append(f"| {level} | {precision} | {low} | {bs} | " + (f"{backend} | " if multi_backend else "")
                      + f"{tp(tr)} | {tp(inf)} | "
                      + f"{fmt_bytes(tr['memory']['peak_bytes']) if tr and tr['status'] == 'ok' else '-'} | "
                      + f"{fmt_bytes(tr['memory'].get('live_peak_bytes')) if tr and tr['status'] == 'ok' else '-'} | "

@@ -97,6 +97,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=["adam", "sgd", "lamb"], default="adam", help="adam means AdamW")
     g.add_argument("--gradient_clip", type=_positive_float, default=None, help="clip the gradient norm to this")
     g.add_argument("--accumulate_grad_batches", type=_positive_int, default=1)
+    g.add_argument("--optimizer_in_backward", action=BOOL, default=False,
+                   help="step each parameter as soon as its gradient is complete and free that gradient (less "
+                        "memory; one process, no accumulation, no --gradient_clip, no fp16 --amp)")
     g.add_argument("--cuda_graphs", action=BOOL, default=False,
                    help="replay each step's forward, loss and backward as a CUDA graph, one per padded batch shape "
                         "(CUDA, one process, no accumulation, no --low_memory); the optimizer steps eagerly")

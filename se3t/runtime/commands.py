@@ -104,7 +104,8 @@ def _train(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     run = {k: getattr(args, k) for k in ("task", "split_seed", "train_subset", "val_subset", "epochs", "batch_size",
                                          "learning_rate", "min_learning_rate", "weight_decay", "optimizer",
-                                         "accumulate_grad_batches", "gradient_clip", "preset")}
+                                         "accumulate_grad_batches", "gradient_clip", "optimizer_in_backward",
+                                         "preset")}
     run.update(seed=seed, world_size=dist.world_size, precision=policy.precision.value)
     config = {"model": model_config.to_dict(), "target": target.to_dict(), "run": run, "graph": "bonds"}
     metrics = MetricsLogger(args.log_dir, enabled=dist.is_main)
@@ -116,7 +117,8 @@ def _train(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
     options = TrainOptions(
         epochs=args.epochs, batch_size=args.batch_size, accumulate_grad_batches=args.accumulate_grad_batches,
         learning_rate=args.learning_rate, min_learning_rate=args.min_learning_rate, weight_decay=args.weight_decay,
-        momentum=args.momentum, optimizer=args.optimizer, gradient_clip=args.gradient_clip, seed=seed,
+        momentum=args.momentum, optimizer=args.optimizer, gradient_clip=args.gradient_clip,
+        optimizer_in_backward=args.optimizer_in_backward, seed=seed,
         eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, ckpt_steps=args.ckpt_steps,
         save_ckpt_path=args.save_ckpt_path, num_workers=args.num_workers, benchmark=args.benchmark,
         benchmark_warmup=args.benchmark_warmup, show_progress=not args.silent)

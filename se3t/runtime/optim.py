@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
-__all__ = ["Lamb", "build_optimizer", "build_scheduler", "fused_adamw_supported"]
+__all__ = ["Lamb", "StepInBackward", "build_optimizer", "build_scheduler", "fused_adamw_supported"]
 
 
 class Lamb(torch.optim.Optimizer):
@@ -75,3 +75,58 @@ def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, lr: float, mi
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=eta_min)
 
 
+
+
+class StepInBackward:
+    """Step ``optimizer`` during backward, one parameter at a time as soon as its gradient is complete
+    (``Tensor.register_post_accumulate_grad_hook``), and drop that gradient right away: a step then holds the
+    gradients of the parameters autograd is working on instead of all of them (the QM9 paper model's 35 MiB were
+    the largest part of a ``low_memory`` step's live tensors at 100 molecules). Do not call ``optimizer.step()``
+    as well.
+
+    The update is the optimizer's own step on that parameter alone (its state, learning-rate schedule and
+    checkpoint stay as they are): for optimizers that update each tensor on its own (AdamW, SGD, :class:`Lamb`)
+    it is exactly the update a step after backward makes. What needs every gradient before any update cannot
+    come with it: clipping by the global norm, accumulating micro-batches, fp16 loss scaling (its inf check),
+    DDP's all-reduce. Non-finite gradients cannot hold the update back either: they are flagged (no host sync)
+    and :meth:`take_nonfinite` reports them after backward. Each parameter's step is one optimizer call (QM9 paper
+    model, 144 tensors, AdamW on 2 CPU threads: 26 ms of steps against 6 ms for one step of all of them).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self._group: Dict[torch.Tensor, dict] = {}
+        params: List[torch.Tensor] = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._group[p] = group
+                    params.append(p)
+        if not params:
+            raise ValueError("StepInBackward: the optimizer has no parameter that requires grad")
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=params[0].device)
+        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in params]
+
+    def _step(self, p: torch.Tensor) -> None:
+        # max |g| is NaN or inf exactly when some element is (a reduction: no gradient-sized temporary)
+        bad = torch.linalg.vector_norm(p.grad, float("inf")).isfinite().logical_not()
+        torch.logical_or(self._nonfinite, bad, out=self._nonfinite)
+        group = self._group[p]
+        params, group["params"] = group["params"], [p]  # the optimizer's step, on this parameter only
+        try:
+            self.optimizer.step()
+        finally:
+            group["params"] = params
+        p.grad = None
+
+    def take_nonfinite(self) -> bool:
+        """Whether any gradient since the last call was NaN or inf (their updates were applied); resets."""
+        found = bool(self._nonfinite)
+        self._nonfinite.zero_()
+        return found
+
+    def remove(self) -> None:
+        """Unhook: ``optimizer.step()`` after backward again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

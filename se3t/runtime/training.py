@@ -23,7 +23,7 @@ from .distributed import DistInfo, all_reduce_sum, sync_context
 from .engine import StepTimer, _loader, evaluate_mae, inputs_abs_error, standardised_abs_error
 from .errors import TrainingDiverged, UserError
 from .metrics import MetricsLogger, log, progress
-from .optim import build_optimizer, build_scheduler
+from .optim import StepInBackward, build_optimizer, build_scheduler
 from .precision import PrecisionPolicy
 
 __all__ = ["TrainOptions", "Progress", "Trainer"]
@@ -40,6 +40,7 @@ class TrainOptions:
     momentum: float = 0.9
     optimizer: str = "adam"
     gradient_clip: float | None = None
+    optimizer_in_backward: bool = False
     seed: int = 0
     eval_interval: int = 20
     ckpt_interval: int = -1
@@ -104,6 +105,22 @@ class Trainer:
             raise UserError(f"the training set has {len(train_set)} molecules, fewer than the {dist.world_size} "
                             "processes")
         self.graphed = self._graphed_step() if cuda_graphs else None
+        self.step_in_backward = self._step_in_backward() if options.optimizer_in_backward else None
+
+    def _step_in_backward(self) -> StepInBackward:
+        """``--optimizer_in_backward``: refuses what needs all gradients before any update."""
+        o = self.options
+        problem = ("runs one process (DDP all-reduces the gradients after they are complete)"
+                   if self.dist.distributed else
+                   "needs --accumulate_grad_batches 1 (each micro-batch's backward would step)"
+                   if o.accumulate_grad_batches != 1 else
+                   "cannot clip by the global gradient norm (--gradient_clip)" if o.gradient_clip is not None else
+                   "cannot scale fp16 losses (the scaler checks all gradients first); use bf16 or fp32"
+                   if self.scaler is not None else
+                   "and --cuda_graphs are separate modes" if self.graphed is not None else None)
+        if problem:
+            raise UserError(f"--optimizer_in_backward {problem}")
+        return StepInBackward(self.optimizer)
 
     def _graphed_step(self):
         """Forward, loss and backward of a step as a CUDA graph per padded batch shape (``--cuda_graphs``); the
@@ -176,7 +193,7 @@ class Trainer:
         return EpochPlan(len(self.train_set), o.batch_size, epoch=epoch, seed=o.seed, rank=self.dist.rank,
                          world_size=self.dist.world_size, accumulate=o.accumulate_grad_batches)
 
-    def _diverged(self, where: str) -> TrainingDiverged:
+    def _diverged(self, where: str, applied: bool = False) -> TrainingDiverged:
         last = self.last_checkpoint
         if last is None:
             kept = "no checkpoint had been written yet (use --save_ckpt_path with --ckpt_steps to keep some)"
@@ -185,15 +202,20 @@ class Trainer:
                     f"of it, global step {last['global_step']}), was left untouched")
         return TrainingDiverged(
             f"training diverged: the {where} became NaN/inf at epoch {self.progress.epoch}, step "
-            f"{self.progress.step_in_epoch} (global step {self.progress.global_step}); the update was not applied "
-            f"and {kept}. Try a lower --learning_rate, --gradient_clip, or fp32 precision.")
+            f"{self.progress.step_in_epoch} (global step {self.progress.global_step}); the update was "
+            f"{'applied (--optimizer_in_backward steps during backward)' if applied else 'not applied'} and {kept}. "
+            "Try a lower --learning_rate, --gradient_clip, or fp32 precision.")
 
     def _optimizer_step(self, loss_sum: torch.Tensor, step_molecules: int) -> float:
         """All-reduce the step's loss (one scalar), refuse NaN/inf, clip, step. Returns the global mean loss."""
         stats = all_reduce_sum(loss_sum.detach().double().reshape(1).clone())
         loss = float(stats.item()) / step_molecules
         if not math.isfinite(loss):
-            raise self._diverged("loss")
+            raise self._diverged("loss", applied=self.step_in_backward is not None)
+        if self.step_in_backward is not None:  # every parameter was stepped in backward
+            if self.step_in_backward.take_nonfinite():
+                raise self._diverged("gradient", applied=True)
+            return loss
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.options.gradient_clip is not None or self.scaler is None:
@@ -215,6 +237,8 @@ class Trainer:
             # DDP averages gradients over ranks; scaling by world/step_molecules makes the result the
             # gradient of (sum of errors over the whole step) / (molecules of the whole step).
             scaled = err * (self.dist.world_size / mb.step_molecules)
+            if self.step_in_backward is not None and not bool(torch.isfinite(err)):
+                raise self._diverged("loss")  # before the backward that would apply it
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
             scaled.backward()

@@ -99,6 +99,23 @@ def test_qm9_quick_writes_complete_outputs(qm9_run):
     assert sorted(result["outputs"]["plots"]) == ["smoke-memory.png", "smoke-throughput.png"]
 
 
+def test_optimizer_in_backward_cells(tmp_path, capsys):
+    """Training cells with the AdamW step made per parameter in backward: no gradients outlive the step, and
+    their own rows in the tables (what it saves is measured at the paper model's size, see the README)."""
+    argv = ["qm9", *FAST, "--model", "tiny", "--data", "synthetic", "--batch-sizes", "3", "--num-batches", "2",
+            "--levels", "FULL", "--low-memory", "on", "--low-memory-levels", "FULL", "--optimizer-in-backward", "off,on",
+            "--scatter-backends", "torch", "--no-plots", "--no-equivariance", "--out", str(tmp_path), "--name", "oib"]
+    assert main(argv) == 0
+    cells = _load(tmp_path / "oib.json")["cells"]
+    train = {c["optimizer_in_backward"]: c for c in cells if c["mode"] == "train"}
+    assert len(cells) == 3 and set(train) == {False, True}  # inference has no optimizer: one cell
+    assert all(c["status"] == "ok" for c in train.values())
+    assert train[True]["memory"]["gradient_bytes"] == 0 < train[False]["memory"]["gradient_bytes"]
+    assert train[True]["memory"]["live_peak_bytes"] > 0
+    assert main(["readme-table", str(tmp_path / "oib.json")]) == 0
+    assert "| FULL | fp32 | on + optimizer in backward | 3 |" in capsys.readouterr().out
+
+
 def test_readme_table_and_report(qm9_run, capsys):
     assert main(["readme-table", str(qm9_run / "smoke.json")]) == 0
     text = capsys.readouterr().out

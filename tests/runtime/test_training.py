@@ -10,7 +10,7 @@ import torch
 
 from runtime_helpers import TINY, SyntheticMolecules, collate, target_of
 from se3t.runtime.errors import UserError
-from se3t.runtime.optim import build_optimizer, fused_adamw_supported
+from se3t.runtime.optim import StepInBackward, build_optimizer, fused_adamw_supported
 from se3t.runtime import (DistInfo, Precision, PrecisionPolicy, Trainer, TrainingDiverged, TrainOptions,
                           build_model, load_checkpoint)
 
@@ -168,6 +168,98 @@ def test_adamw_uses_the_fused_kernel_and_agrees_with_the_loop():
     assert fused_adamw_supported(start) and not fused_adamw_supported([])
     assert not fused_adamw_supported([torch.zeros(3, dtype=torch.long)])
     assert not fused_adamw_supported([torch.zeros(3, device="meta")])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "lamb"])
+def test_step_in_backward_equals_the_step_after_backward(optimizer):
+    """Each parameter stepped by its own hook during backward gets exactly the update of one step after backward
+    (float64, 4 steps with weight decay), and no gradient outlives the backward."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.float64), requires_grad=False)
+    runs = []
+    for in_backward in (False, True):
+        model = torch.nn.Sequential(*[torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)]).double()
+        model.load_state_dict(net.state_dict())
+        opt = build_optimizer(optimizer, [*model.parameters(), frozen], lr=1e-2, weight_decay=0.1, momentum=0.9)
+        hooks = StepInBackward(opt) if in_backward else None
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(11, 5, dtype=torch.float64, generator=gen)
+            (model(x) * frozen).square().sum().backward()
+            if hooks is None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                assert all(p.grad is None for p in model.parameters())
+        assert hooks is None or not hooks.take_nonfinite()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b, start in zip(*runs, net.parameters()):
+        assert not torch.equal(a, start)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_step_in_backward_holds_one_gradient_at_a_time():
+    """A chain of layers: when each parameter's gradient is complete, no other parameter holds one (stepping after
+    backward would hold all of them at its end)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(6, 6, bias=False) for _ in range(5)])
+    params = list(model.parameters())
+    held = []
+    for p in params:  # registered first: runs before the step's hook
+        p.register_post_accumulate_grad_hook(lambda _: held.append(sum(q.grad is not None for q in params)))
+    StepInBackward(torch.optim.AdamW(params, lr=1e-3))
+    model(torch.randn(3, 6)).sum().backward()
+    assert held == [1] * len(params) and all(p.grad is None for p in params)
+
+
+def test_step_in_backward_flags_nonfinite_gradients_and_unhooks():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1)
+    hooks = StepInBackward(opt)
+    (p * torch.tensor([1.0, float("nan"), 1.0, 1.0])).sum().backward()
+    assert hooks.take_nonfinite() and not hooks.take_nonfinite()  # reported once
+    assert p.grad is None and torch.isnan(p[1])
+    hooks.remove()
+    p.data.fill_(1.0)
+    p.sum().backward()
+    assert p.grad is not None and torch.equal(p.detach(), torch.ones(4))  # no longer stepped in backward
+    with pytest.raises(ValueError, match="no parameter that requires grad"):
+        StepInBackward(torch.optim.SGD([torch.nn.Parameter(torch.ones(2), requires_grad=False)], lr=0.1))
+
+
+def test_optimizer_in_backward_trains_as_the_step_after_backward():
+    train = SyntheticMolecules(40)
+    plain = make_trainer(train, epochs=2)
+    plain.fit()
+    fused = make_trainer(train, epochs=2, optimizer_in_backward=True)
+    fused.fit()
+    assert len(fused.loss_history) == len(plain.loss_history) == 6
+    torch.testing.assert_close(torch.tensor(fused.loss_history), torch.tensor(plain.loss_history), rtol=1e-5,
+                               atol=1e-6)
+    for k, v in params(plain).items():
+        torch.testing.assert_close(params(fused)[k], v, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in fused.module.parameters())
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(accumulate_grad_batches=2), "needs --accumulate_grad_batches 1"),
+    (dict(gradient_clip=1.0), "cannot clip by the global gradient norm"),
+])
+def test_optimizer_in_backward_refuses_what_needs_all_gradients(options, message):
+    with pytest.raises(UserError, match=f"--optimizer_in_backward {message}"):
+        make_trainer(SyntheticMolecules(8), optimizer_in_backward=True, **options)
+
+
+def test_optimizer_in_backward_refuses_a_nan_loss_before_applying_it(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    trainer = make_trainer(SyntheticMolecules(64, nan_at=37), save_ckpt_path=str(ckpt), ckpt_steps=1,
+                           optimizer_in_backward=True)
+    with pytest.raises(TrainingDiverged, match="the loss became NaN/inf .* the update was not applied"):
+        trainer.fit()
+    state = load_checkpoint(ckpt)
+    for k, v in trainer.module.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
 
 
 def test_cuda_graphs_option_is_checked():
