@@ -285,7 +285,8 @@ def plot(result: dict, out_dir: Path, stem: str) -> Dict[str, Path]:
         series = defaultdict(dict)
         for c in cells:
             name = (f"{c['model'].split('/')[-1]} " if result["suite"] == "peers" else "") + c["precision"] + \
-                (" low-mem" if c.get("low_memory") else "") + (" opt-in-bwd" if c.get("optimizer_in_backward") else "") \
+                (" low-mem" if c.get("low_memory") else "") \
+                + (" opt-in-bwd" if c.get("optimizer_in_backward") else "") \
                 + (" compiled" if c.get("compile") else "")
             series[name][str(c[key])] = c["memory"]["peak_bytes"] / 2 ** 30
         _bar_chart(ax, groups, dict(series), "peak memory (GiB)",

@@ -103,7 +103,8 @@ def test_optimizer_in_backward_cells(tmp_path, capsys):
     """Training cells with the AdamW step made per parameter in backward: no gradients outlive the step, and
     their own rows in the tables (what it saves is measured at the paper model's size, see the README)."""
     argv = ["qm9", *FAST, "--model", "tiny", "--data", "synthetic", "--batch-sizes", "3", "--num-batches", "2",
-            "--levels", "FULL", "--low-memory", "on", "--low-memory-levels", "FULL", "--optimizer-in-backward", "off,on",
+            "--levels", "FULL", "--low-memory", "on", "--low-memory-levels", "FULL",
+            "--optimizer-in-backward", "off,on",
             "--scatter-backends", "torch", "--no-plots", "--no-equivariance", "--out", str(tmp_path), "--name", "oib"]
     assert main(argv) == 0
     cells = _load(tmp_path / "oib.json")["cells"]
