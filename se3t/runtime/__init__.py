@@ -9,6 +9,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import EpochPlan
 from .distributed import DistInfo, init_distributed
 from .errors import TrainingDiverged, UserError
+from .optim import StepInBackward
 from .precision import Precision, PrecisionPolicy, resolve_precision
 from .training import Trainer, TrainOptions
 
@@ -18,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "Precision",
     "PrecisionPolicy",
+    "StepInBackward",
     "TargetInfo",
     "Trainer",
     "TrainOptions",
