@@ -187,6 +187,21 @@ def test_precompute_bases_and_bf16(qm9_dir, tmp_path, capsys):
 
 
 @pytest.mark.rdkit
+def test_low_memory_with_the_optimizer_in_backward(qm9_dir, tmp_path, capsys):
+    common = ["train", *TINY_FLAGS, "--data_dir", qm9_dir, "--allow_partial_data", "--epochs", "1", "--batch_size",
+              "8", "--train_subset", "24", "--val_subset", "8", "--num_workers", "0", "--seed", "0", "--silent",
+              "--low_memory", "--optimizer_in_backward"]
+    code, out, err = run(capsys, *common, "--log_dir", tmp_path)
+    assert code == 0, err
+    summary = json.loads(out.split("summary: ", 1)[1])
+    assert summary["global_steps"] == 3 and summary["validation_mae"] > 0
+    config = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert config["run"]["optimizer_in_backward"] is True
+    code, out, err = run(capsys, *common, "--gradient_clip", "1")
+    assert code == 2 and "--optimizer_in_backward cannot clip by the global gradient norm" in err
+
+
+@pytest.mark.rdkit
 def test_evaluate_with_another_task_is_refused(trained, qm9_dir, capsys):
     ckpt, _ = trained
     code, _, err = run(capsys, "evaluate", "--load_ckpt_path", ckpt, "--data_dir", qm9_dir, "--task", "lumo")
