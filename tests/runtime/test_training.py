@@ -34,10 +34,11 @@ def params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
 
 
-@pytest.mark.parametrize("crash_at, ckpt_steps", [(5, 3), (7, 4)])  # mid-epoch; at an epoch's last step
-def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, crash_at, ckpt_steps):
+@pytest.mark.parametrize("crash_at, ckpt_steps, in_backward", [(5, 3, False), (7, 4, False), (5, 3, True)])
+def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, crash_at, ckpt_steps, in_backward):
+    """Mid-epoch and at an epoch's last step; also with the optimizer stepped in backward (same state)."""
     train, val = SyntheticMolecules(60), SyntheticMolecules(16, seed=1)  # 4 steps per epoch, last one short
-    full = make_trainer(train, val, epochs=3)
+    full = make_trainer(train, val, epochs=3, optimizer_in_backward=in_backward)
     full.fit()
 
     ckpt = tmp_path / "run.pt"
@@ -46,14 +47,15 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, crash_at, ckpt_step
         if tr.progress.global_step == crash_at:
             raise Crash
 
-    first = make_trainer(train, val, epochs=3, save_ckpt_path=str(ckpt), ckpt_steps=ckpt_steps, on_step_end=crash)
+    first = make_trainer(train, val, epochs=3, save_ckpt_path=str(ckpt), ckpt_steps=ckpt_steps, on_step_end=crash,
+                         optimizer_in_backward=in_backward)
     with pytest.raises(Crash):
         first.fit()
     state = load_checkpoint(ckpt)
     assert state["progress"]["global_step"] == ckpt_steps
 
     torch.manual_seed(123)  # the resumed process starts from other RNG states and another initialisation
-    resumed = make_trainer(train, val, epochs=3, save_ckpt_path=str(ckpt))
+    resumed = make_trainer(train, val, epochs=3, save_ckpt_path=str(ckpt), optimizer_in_backward=in_backward)
     resumed.resume(state, str(ckpt))
     summary = resumed.fit()
 
