@@ -215,6 +215,39 @@ def test_step_in_backward_holds_one_gradient_at_a_time():
     assert held == [1] * len(params) and all(p.grad is None for p in params)
 
 
+def test_step_in_backward_with_low_memory_blocks(monkeypatch):
+    """Checkpointed layers recomputed in three node blocks use each parameter several times: its step still comes
+    once, after all of its gradient (float64, two AdamW steps equal those after backward)."""
+    import dataclasses
+
+    import se3t.model
+
+    monkeypatch.setattr(se3t.model, "LOW_MEMORY_MIN_BLOCK_EDGES", 1)
+    splits = []
+    real = se3t.model.destination_blocks
+    monkeypatch.setattr(se3t.model, "destination_blocks", lambda ei, n, k: splits.append(k) or real(ei, n, k))
+    config = dataclasses.replace(TINY, num_layers=2, low_memory=True, low_memory_blocks=3)
+    batch = collate([SyntheticMolecules(6)[i] for i in range(6)])
+    inputs = {k: ({d: t.double() for d, t in v.items()} if isinstance(v, dict) else
+                  v.double() if v.is_floating_point() else v) if isinstance(v, (dict, torch.Tensor)) else v
+              for k, v in batch.model_inputs().items()}
+    runs = []
+    for in_backward in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config).double()
+        opt = build_optimizer("adam", model.parameters(), lr=1e-2, weight_decay=0.1, momentum=0.9)
+        hooks = StepInBackward(opt) if in_backward else None
+        for _ in range(2):
+            model(**inputs).square().sum().backward()
+            if hooks is None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        runs.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert splits == [3] * 4  # every step in three blocks
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-12, atol=1e-12)
+
+
 def test_step_in_backward_flags_nonfinite_gradients_and_unhooks():
     p = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.SGD([p], lr=0.1)
