@@ -75,8 +75,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, lr: float, mi
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=eta_min)
 
 
-
-
 class StepInBackward:
     """Step ``optimizer`` during backward, one parameter at a time as soon as its gradient is complete
     (``Tensor.register_post_accumulate_grad_hook``), and drop that gradient right away: a step then holds the
