@@ -62,10 +62,19 @@ def _oom_guard(fn, *a, **kw):
 # ------------------------------------------------------------------------------------------------ train
 def run_train(args: argparse.Namespace) -> int:
     dist, policy = _setup(args)
+    return _then_leave_group(_train, args, dist, policy)
+
+
+def _then_leave_group(fn, args: argparse.Namespace, dist: DistInfo, policy: PrecisionPolicy) -> int:
+    """``fn(args, dist, policy)``, then leave the process group: with every rank after a normal end, at once after
+    an error (the other ranks may never get there; see :func:`shutdown_distributed`)."""
     try:
-        return _train(args, dist, policy)
-    finally:
+        code = fn(args, dist, policy)
+    except BaseException:
         shutdown_distributed()
+        raise
+    shutdown_distributed(synchronize=True)
+    return code
 
 
 def _train(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
@@ -185,43 +194,44 @@ def _load_converted(path: str):
 # ------------------------------------------------------------------------------------------------ evaluate
 def run_evaluate(args: argparse.Namespace) -> int:
     dist, policy = _setup(args)
-    try:
-        model, target, config = _model_from_checkpoint(args.load_ckpt_path, args.fuse_level, None)
-        if target is not None and args.task not in (None, target.name):
-            raise UserError(f"{args.load_ckpt_path} predicts {target.name}, not --task {args.task}")
-        task = target.name if target is not None else (args.task or "homo")
-        split_seed = args.split_seed if args.split_seed is not None else config.get("run", {}).get("split_seed", 0)
-        ds = load_qm9(args.data_dir, task, split_seed, allow_partial=args.allow_partial_data,
-                      progress=dist.is_main and not args.silent)
-        if target is None:  # a converted reference checkpoint: standardise with this data's train split
-            target = target_info(ds)
-        part = dict(zip(("train", "val", "test"), ds.split()))[args.split]
-        part = take_subset(part, args.subset, "--subset")
-        model = model.to(dist.device)
-        if args.compile:
-            model = torch.compile(model)
-        collate = make_collate(part, args.batch_size, seed=split_seed)
-        timer = StepTimer(dist.device, args.benchmark_warmup) if args.benchmark else None
-        t0 = time.perf_counter()
-        mae, n = _oom_guard(evaluate_mae, model, part, collate, batch_size=args.batch_size, policy=policy,
-                            dist=dist, target=target, num_workers=args.num_workers, timer=timer)
-        summary: dict[str, Any] = {"task": task, "split": args.split, "molecules": n, "mae": mae,
-                                   "unit": target.unit, "wall_seconds": time.perf_counter() - t0,
-                                   "precision": policy.precision.value, "checkpoint": args.load_ckpt_path}
-        if target.unit == "eV":
-            summary["mae_meV"] = mae * 1000
-        if timer is not None:
-            summary["benchmark"] = timer.report("inference")
-        metrics = MetricsLogger(args.log_dir, enabled=dist.is_main)
-        if timer is not None:
-            metrics.write("benchmark", **summary["benchmark"])
-        metrics.write_summary(summary)
-        metrics.close()
-        log.info(f"{args.split} MAE ({task}): {target.describe_mae(mae)} over {n} molecules")
-        _print_summary("summary", summary, dist)
-        return 0
-    finally:
-        shutdown_distributed()
+    return _then_leave_group(_evaluate, args, dist, policy)
+
+
+def _evaluate(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
+    model, target, config = _model_from_checkpoint(args.load_ckpt_path, args.fuse_level, None)
+    if target is not None and args.task not in (None, target.name):
+        raise UserError(f"{args.load_ckpt_path} predicts {target.name}, not --task {args.task}")
+    task = target.name if target is not None else (args.task or "homo")
+    split_seed = args.split_seed if args.split_seed is not None else config.get("run", {}).get("split_seed", 0)
+    ds = load_qm9(args.data_dir, task, split_seed, allow_partial=args.allow_partial_data,
+                  progress=dist.is_main and not args.silent)
+    if target is None:  # a converted reference checkpoint: standardise with this data's train split
+        target = target_info(ds)
+    part = dict(zip(("train", "val", "test"), ds.split()))[args.split]
+    part = take_subset(part, args.subset, "--subset")
+    model = model.to(dist.device)
+    if args.compile:
+        model = torch.compile(model)
+    collate = make_collate(part, args.batch_size, seed=split_seed)
+    timer = StepTimer(dist.device, args.benchmark_warmup) if args.benchmark else None
+    t0 = time.perf_counter()
+    mae, n = _oom_guard(evaluate_mae, model, part, collate, batch_size=args.batch_size, policy=policy,
+                        dist=dist, target=target, num_workers=args.num_workers, timer=timer)
+    summary: dict[str, Any] = {"task": task, "split": args.split, "molecules": n, "mae": mae,
+                               "unit": target.unit, "wall_seconds": time.perf_counter() - t0,
+                               "precision": policy.precision.value, "checkpoint": args.load_ckpt_path}
+    if target.unit == "eV":
+        summary["mae_meV"] = mae * 1000
+    if timer is not None:
+        summary["benchmark"] = timer.report("inference")
+    metrics = MetricsLogger(args.log_dir, enabled=dist.is_main)
+    if timer is not None:
+        metrics.write("benchmark", **summary["benchmark"])
+    metrics.write_summary(summary)
+    metrics.close()
+    log.info(f"{args.split} MAE ({task}): {target.describe_mae(mae)} over {n} molecules")
+    _print_summary("summary", summary, dist)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ predict

@@ -74,8 +74,15 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(synchronize: bool = False) -> None:
+    """Leave the process group. ``synchronize`` (only where every rank ended normally: a rank that failed would
+    leave the others waiting): first wait for all ranks, so that the backend's worker thread has finished with
+    every collective before the group goes. Gloo's group joins that thread in its destructor, which can run while
+    holding the GIL (when DDP's reducer drops the last reference), while the thread may still be freeing the last
+    all-reduce's tensors, which needs the GIL: a deadlock (seen once in the two-process test, torch 2.13)."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -56,7 +58,8 @@ def _run(world: int, batch: int, out: str | None, rank: int = 0) -> dict:
     record["params"] = {k: v.clone() for k, v in trainer.module.state_dict().items()}
     if out is not None:
         torch.save(record, out)
-    shutdown_distributed()
+    del trainer  # DDP's reducer goes while the group is alive (see shutdown_distributed)
+    shutdown_distributed(synchronize=True)
     return record
 
 
@@ -68,7 +71,13 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 
 
 def test_two_processes_equal_one_with_doubled_batch(tmp_path, monkeypatch):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    processes = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300  # ~5 s here: a hang fails the test instead of stalling the run
+    while not processes.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in processes.processes:
+                p.kill()
+            pytest.fail("the two DDP processes did not finish within 300 s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
