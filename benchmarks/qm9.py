@@ -1,14 +1,15 @@
 """The ``qm9`` suite: the paper model (SPEC §5) on random real QM9 padded batches.
 
-Grid: mode (train, infer) x fusion level (every ``se3t.FuseLevel``) x precision x low-memory x compile x batch size x
-scatter backend. ``low_memory=on`` is measured at the levels of ``--low-memory-levels`` (default: the model's default
-level); inference cells with ``low_memory=on`` are recorded as skipped (checkpointing only acts under autograd,
-so they would measure the same code as ``off``). ``compile=on`` (``--compile off,on``; default off only) times
-``torch.compile(model, dynamic=False)``: one compilation per distinct padded batch shape, before the timed steps
-(see :mod:`benchmarks.cells`). ``--optimizer-in-backward off,on`` (default off only) adds training cells whose
-AdamW steps each parameter during backward (``se3t.runtime.StepInBackward``). A cell whose step would exceed ``--max-step-seconds`` at the measured GEMM rate
-(bf16 on a CPU without native bf16) is skipped; its inference cell still measures that precision's equivariance
-error and deviation from fp32 on the small equivariance batch (``benchmarks.cells.accuracy_cell``).
+Grid: mode (train, infer) x fusion level (every ``se3t.FuseLevel``) x precision x low-memory x compile x batch size
+x scatter backend. ``low_memory=on`` is measured at the levels of ``--low-memory-levels`` (default: the model's
+default level); inference cells with ``low_memory=on`` are recorded as skipped (checkpointing only acts under
+autograd, so they would measure the same code as ``off``). ``compile=on`` (``--compile off,on``; default off only)
+times ``torch.compile(model, dynamic=False)``: one compilation per distinct padded batch shape, before the timed
+steps (see :mod:`benchmarks.cells`). ``--optimizer-in-backward off,on`` (default off only) adds training cells whose
+AdamW steps each parameter during backward (``se3t.runtime.StepInBackward``). A cell whose step would exceed
+``--max-step-seconds`` at the measured GEMM rate (bf16 on a CPU without native bf16) is skipped; its inference cell
+still measures that precision's equivariance error and deviation from fp32 on the small equivariance batch
+(``benchmarks.cells.accuracy_cell``).
 """
 from __future__ import annotations
 
