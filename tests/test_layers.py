@@ -601,6 +601,40 @@ def test_channel_mix_gradients_memory_and_autocast(L):
     assert torch.allclose(xf.grad, W.detach().float().sum(0)[None, :, None].expand_as(xf), rtol=1e-2)
 
 
+@pytest.mark.parametrize("L", [1, 5, 7])
+@pytest.mark.parametrize("needs", ["W", "x", "both"])
+def test_channel_mix_rows_path_equals_matmul(L, needs):
+    """The CPU path (one GEMM over the ``N*L`` rows) against ``torch.matmul`` and its autograd in float64: values
+    without grad (inference), gradients for each combination of inputs that need them, non-contiguous inputs (a
+    channel slice) and an empty node set."""
+    from se3t.nn.linear import channel_mix
+    g = torch.Generator().manual_seed(1)
+    W0 = torch.randn(4, 9, dtype=torch.float64, generator=g)
+    x0 = torch.randn(11, 9, L, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(channel_mix(W0, x0), torch.matmul(W0, x0), rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(channel_mix(W0[:, 3:], x0[:, 3:]), torch.matmul(W0[:, 3:], x0[:, 3:]),
+                                   rtol=1e-14, atol=1e-14)
+    grad_out = torch.randn(11, 4, L, dtype=torch.float64, generator=g)
+    results = []
+    for mix in (channel_mix, torch.matmul):
+        W = W0.clone().requires_grad_(needs in ("W", "both"))
+        x = x0.clone().requires_grad_(needs in ("x", "both"))
+        out = mix(W, x)
+        out.backward(grad_out)
+        results.append((out.detach(), W.grad, x.grad))
+    for ours, ref in zip(*results):
+        if ref is None:
+            assert ours is None
+        else:
+            torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-13)
+    x_empty = torch.zeros(0, 9, L, dtype=torch.float64, requires_grad=True)
+    out = channel_mix(W0.clone().requires_grad_(), x_empty)
+    assert out.shape == (0, 4, L)
+    out.sum().backward()
+    assert x_empty.grad.shape == (0, 9, L)
+
+
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 def test_one_row_outer_order_is_chosen_for_wide_blocks_and_equals_r_order(level, monkeypatch):
     """With the default threshold the outer order runs exactly for one-row blocks with ``C_out >= 2 H`` (here a
