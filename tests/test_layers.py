@@ -606,7 +606,7 @@ def test_channel_mix_gradients_memory_and_autocast(L):
 def test_channel_mix_rows_path_equals_matmul(L, needs):
     """The CPU path (one GEMM over the ``N*L`` rows) against ``torch.matmul`` and its autograd in float64: values
     without grad (inference), gradients for each combination of inputs that need them, non-contiguous inputs (a
-    channel slice) and an empty node set."""
+    channel slice), an empty node set, and a clear error for mismatched shapes."""
     from se3t.nn.linear import channel_mix
     g = torch.Generator().manual_seed(1)
     W0 = torch.randn(4, 9, dtype=torch.float64, generator=g)
@@ -628,6 +628,9 @@ def test_channel_mix_rows_path_equals_matmul(L, needs):
             assert ours is None
         else:
             torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-13)
+    for bad_W, bad_x in ((W0, x0[:, :8]), (W0[None], x0), (W0, x0[0])):
+        with pytest.raises(ValueError, match="channel_mix needs W"):
+            channel_mix(bad_W, bad_x)
     x_empty = torch.zeros(0, 9, L, dtype=torch.float64, requires_grad=True)
     out = channel_mix(W0.clone().requires_grad_(), x_empty)
     assert out.shape == (0, 4, L)

@@ -68,6 +68,9 @@ class _ChannelMix(torch.autograd.Function):
 def channel_mix(W: Tensor, x: Tensor) -> Tensor:
     """``out[n] = W @ x[n]``: ``W [C_out, C_in]``, ``x [N, C_in, L]`` -> ``[N, C_out, L]`` (``torch.matmul(W, x)``'s
     values; only ``W`` and ``x`` themselves are kept for backward)."""
+    if W.dim() != 2 or x.dim() != 3 or W.shape[1] != x.shape[1]:
+        raise ValueError(f"channel_mix needs W [C_out, C_in] and x [N, C_in, L] with the same C_in; got W of shape "
+                         f"{tuple(W.shape)} and x of shape {tuple(x.shape)}")
     if not (torch.is_grad_enabled() and (W.requires_grad or x.requires_grad)):
         return _mix(W, x)  # nothing kept: no autograd.Function (nor one for dynamo to trace)
     return _ChannelMix.apply(W, x)
