@@ -12,6 +12,11 @@ counted. It reads ``torch.profiler.profile._memory_profile()``, a private torch 
 its peak agrees with the allocation events' (:func:`~benchmarks.runner.live_tensor_peak`, the benchmark's "live
 tensors") to within a few percent (paper model, batch 100, low_memory and the optimizer in backward: 64.1 against
 63.6 MiB; tiny model ~6 %): the timeline follows tensors, the events the allocator's requests.
+
+``--per-layer`` also prints where in the step the live tensors peak: the most bytes alive in each stretch of the
+step, in order (forward: while each of the transformer's modules runs; backward: from the start of backward, then
+from each module's recompute under ``low_memory`` through its backward, until the next recompute starts; then the
+optimizer), from the allocation events of a second profiled step (as the benchmark's "live tensors").
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from .cells import _prediction, build_model, model_inputs
 from .data import load_packed_batches, synthetic_molecule_batches
 from .qm9 import PAPER_CONFIG, TINY_CONFIG
 
-__all__ = ["memory_peak", "main"]
+__all__ = ["memory_peak", "layer_peaks", "main"]
 
 MiB = float(1 << 20)
 _PYTHON_FRAME = re.compile(r"\(\d+\): ")  # profiler names of Python frames: "file.py(12): func"
@@ -112,6 +117,53 @@ def memory_peak(step, min_bytes: int = 0) -> Tuple[int, List[str], List[Tuple[in
     return peak, running, rows
 
 
+def layer_peaks(step, modules: Sequence[Tuple[str, torch.nn.Module]]) -> List[Tuple[str, str, int]]:
+    """Profile ``step(mark)`` (CPU, the fused kernel on the calling thread) and return ``(phase, stretch, peak
+    bytes)`` for each stretch of the step, in order: the bytes of tensors made by the step and alive at once, at
+    most, from the allocation events. ``step`` calls ``mark("backward")`` before its backward and
+    ``mark("optimizer")`` before its optimizer step; a stretch starts whenever one of ``modules`` (``(label,
+    module)``) starts a forward (in backward: a checkpoint's recompute)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from se3t.nn import fused
+
+    def mark(name: str) -> None:
+        with record_function("se3t-mark " + name):
+            pass
+
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, label=label: mark("module " + label))
+             for label, m in modules]
+    parallel, fused.PARALLEL_RANGES = fused.PARALLEL_RANGES, False
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step(mark)
+    finally:
+        fused.PARALLEL_RANGES = parallel
+        for h in hooks:
+            h.remove()
+    events = prof.profiler.kineto_results.events()
+    cpu = torch.autograd.DeviceType.CPU
+    allocations = sorted((e.start_ns(), e.nbytes()) for e in events
+                         if e.name() == "[memory]" and e.device_type() == cpu)
+    marks = sorted((e.start_ns(), e.name()[len("se3t-mark "):]) for e in events
+                   if e.name().startswith("se3t-mark "))
+    phase, stretch, rows, live, m = "forward", "(before the first module)", [], 0, 0
+    for t, nbytes in allocations:
+        while m < len(marks) and marks[m][0] <= t:
+            name = marks[m][1]
+            if name in ("backward", "optimizer"):
+                phase, stretch = name, f"(start of {name})"
+            else:
+                stretch = name[len("module "):] if phase == "forward" else f"from the recompute of {name[7:]}"
+            m += 1
+        live += nbytes
+        if not rows or rows[-1][:2] != (phase, stretch):
+            rows.append((phase, stretch, live))
+        elif live > rows[-1][2]:
+            rows[-1] = (phase, stretch, live)
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory_peak", description=__doc__.split("\n")[0])
     p.add_argument("--data-file", default=None, help="batches written by `python -m benchmarks pack-data` "
@@ -123,6 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--optimizer-in-backward", action="store_true",
                    help="AdamW stepped per parameter in backward (se3t.runtime.StepInBackward)")
     p.add_argument("--min-mib", type=float, default=0.3, help="list tensors of at least this size")
+    p.add_argument("--per-layer", action="store_true", help="also print the peak of each stretch of the step "
+                   "(each module's forward; backward from each recompute)")
     args = p.parse_args(argv)
     from se3t.runtime.optim import StepInBackward, build_optimizer
 
@@ -137,10 +191,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     in_backward = StepInBackward(opt) if args.optimizer_in_backward else None
     inputs = [model_inputs(b) for b in batches]
 
-    def step(i: int = 0) -> None:
+    def step(i: int = 0, mark=lambda _: None) -> None:
         opt.zero_grad(set_to_none=True)
         pred = _prediction(model, "pooled", batches[i], inputs[i])
-        F.l1_loss(pred, batches[i]["y"][batches[i]["graph_mask"]].float()).backward()
+        loss = F.l1_loss(pred, batches[i]["y"][batches[i]["graph_mask"]].float())
+        mark("backward")
+        loss.backward()
+        mark("optimizer")
         if in_backward is None:
             opt.step()
 
@@ -160,6 +217,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for nbytes, count, where in rows:
         print(f"  {nbytes / MiB:7.2f} {count:4d}  {where}")
     print(f"listed {listed / MiB:.2f} of {peak / MiB:.2f} MiB")
+    if args.per_layer:
+        modules = [(f"{i} {type(m).__name__}", m) for i, m in enumerate(model.transformer.graph_modules)]
+        print("peak of each stretch of a second step (allocation events): phase, stretch, MiB")
+        for phase, stretch, nbytes in layer_peaks(lambda mark: step(0, mark), modules):
+            print(f"  {phase:9s} {stretch:48s} {nbytes / MiB:7.2f}")
 
 
 if __name__ == "__main__":
