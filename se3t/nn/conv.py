@@ -146,7 +146,6 @@ class ConvSE3(nn.Module):
         for g, plan in enumerate(self._frame_plans):
             self.register_buffer(f"_frame_rows_{g}", plan.rows, persistent=False)
             self.register_buffer(f"_frame_gather_{g}", plan.gather_runs, persistent=False)
-            self.register_buffer(f"_frame_scatter_{g}", plan.scatter_runs, persistent=False)
 
         if self_interaction:
             self.to_kernel_self = nn.ParameterDict({
@@ -280,8 +279,8 @@ class ConvSE3(nn.Module):
         out: Features = {}
         for g, (mlp, plan) in enumerate(zip(self.radial, self._frame_plans)):
             msgs = plan.messages(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_frame_rows_{g}"),
-                                 getattr(self, f"_frame_gather_{g}"), getattr(self, f"_frame_scatter_{g}"), xs,
-                                 x_index, basis, self.chunk_size, self.blockwise_kernel)
+                                 getattr(self, f"_frame_gather_{g}"), xs, x_index, basis, self.chunk_size,
+                                 self.blockwise_kernel)
             for d, o in msgs.items():
                 out[d] = o if d not in out else out[d] + o
         return out

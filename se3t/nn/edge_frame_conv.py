@@ -12,6 +12,7 @@ rotations).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -107,9 +108,8 @@ class EdgeFramePlan:
         columns of its values ``(component, c)`` component-major; components of orders above every input degree
         read an appended zero column. A component's channels are consecutive columns, so the index moves whole
         runs of :attr:`run` columns (the channel counts' gcd): :attr:`gather_runs` indexes the columns viewed as
-        ``[width / run, run]`` (plus a zero run where :attr:`needs_zero_column`), :attr:`scatter_runs` is its
-        inverse (each block output is read exactly once; the zero run's gradient, unused, reads one past the
-        parts: a zero run)."""
+        ``[width / run, run]`` (plus a zero run where :attr:`needs_zero_column`); each block output is read exactly
+        once (checked here), so gradients go back by copying into the same runs."""
         starts, col = [], 0
         for spec in self.specs:
             starts.append(col)
@@ -137,8 +137,6 @@ class EdgeFramePlan:
         read = (self.gather_runs < num_runs).nonzero().squeeze(1)
         if read.numel() != num_runs or bool((self.gather_runs[read].bincount(minlength=num_runs) != 1).any()):
             raise AssertionError("edge-frame gather: every block output is read exactly once")
-        self.scatter_runs = torch.full((num_runs + self.needs_zero_column,), len(self.gather_runs), dtype=torch.long)
-        self.scatter_runs[self.gather_runs[read]] = read
 
     def _build_block_maps(self, num_rows: int) -> None:
         """Per block (by its first kernel row): the pairs it reads, each with the slots of the block's order ``m``
@@ -232,12 +230,12 @@ class EdgeFramePlan:
             out.index_copy_(0, perm[start:start + n], torch.mm(T.t(), grad[start:start + n].view(F, -1)).view(n, -1))
         return out
 
-    def messages(self, h: Tensor, W: Tensor, rows: Tensor, gather_runs: Tensor, scatter_runs: Tensor,
+    def messages(self, h: Tensor, W: Tensor, rows: Tensor, gather_runs: Tensor,
                  xs: Sequence[Tensor], x_index: Optional[Tensor], basis: Basis, chunk: Optional[int],
                  blockwise: bool = False) -> Dict[int, Tensor]:
         """``{d_out: [E, C_out, 2d_out+1]}``: this MLP's messages, computed in the edge frame and rotated back.
-        ``h [E, H]``: the MLP's hidden features; ``W``: its last layer; ``rows``, ``gather_runs``,
-        ``scatter_runs``: :attr:`rows`, :attr:`gather_runs` and :attr:`scatter_runs` on the device;
+        ``h [E, H]``: the MLP's hidden features; ``W``: its last layer; ``rows``, ``gather_runs``: :attr:`rows`
+        and :attr:`gather_runs` on the device;
         ``xs``/``x_index``: as for :func:`se3t.nn.fused.fused_conv`; ``basis``: with frames
         (:meth:`se3t.basis.Basis.edge_frames` not ``None``); ``chunk``, ``blockwise``: as for ``fused_conv``."""
         bts = [basis.frame_rows(d, m) for d, m in self.part_orders]
@@ -251,9 +249,15 @@ class EdgeFramePlan:
             flat = torch.cat([flat, flat.new_zeros(E, self.run)], dim=1)
         degrees = [b.d_out for b in self.blocks]
         back = [basis.edge_frames().back[d] for d in degrees]
-        outs = _GatherRotate.apply(flat.view(E, flat.shape[1] // self.run, self.run), gather_runs, scatter_runs,
+        outs = _GatherRotate.apply(flat.view(E, flat.shape[1] // self.run, self.run), gather_runs,
                                    tuple(self.out_channels[d] for d in degrees), *back)
         return dict(zip(degrees, outs))
+
+
+def _largest_first(back: Sequence[Tensor]) -> List[int]:
+    """The degrees' positions, largest ``2d+1`` first: each degree's temporaries (its gathered part, its rotated
+    gradient) are made while the fewest other outputs exist, and the largest ones first."""
+    return sorted(range(len(back)), key=lambda i: -back[i].shape[-1])
 
 
 class _GatherRotate(torch.autograd.Function):
@@ -263,40 +267,41 @@ class _GatherRotate(torch.autograd.Function):
     against 0.8 ms per call). Parts are gathered component-major, ``[E, L, C]``, and rotated as
     ``out_d^T = back_d^T @ part_d^T``: this orientation's bmm was 3-4x faster in fp32 for ``L`` = 5, 7 (one
     64-byte row per output instead of one of ``L`` values), and transposing its output costs less than that.
-    Backward gathers the parts' gradients back by the inverse run index (one gather instead of a zero fill and a
-    scatter-add per degree, which for 2-byte values also copied all of ``flat``'s gradient each time). Nothing
-    per edge is saved (the rotations ``back_d`` are constants of the edge set)."""
+
+    One degree at a time, largest first, in both directions: forward gathers each degree's runs on their own (a
+    contiguous part, freed after its rotation), backward copies each rotated gradient into the runs it came from
+    (``index_copy_``: every block output is read exactly once; the zero run's gradient, written by several
+    components, is unused). Gathering all runs at once, and concatenating all gradients before one inverse gather,
+    made two more per-edge tensors of the messages' size at once (inference peak of the paper model at batch 100:
+    34.5 MiB, 7.3 MiB of it the gathered runs). Nothing per edge is saved (the rotations ``back_d`` are constants
+    of the edge set)."""
 
     @staticmethod
-    def forward(ctx, flat_runs: Tensor, gather_runs: Tensor, scatter_runs: Tensor, channels: Tuple[int, ...],
-                *back: Tensor):
-        E, _, run = flat_runs.shape
-        runs = flat_runs.index_select(1, gather_runs).view(E, len(gather_runs) * run)
-        outs, col = [], 0
-        for C, R in zip(channels, back):
-            L = R.shape[-1]
-            part_t = runs[:, col:col + C * L].view(E, L, C)
+    def forward(ctx, flat_runs: Tensor, gather_runs: Tensor, channels: Tuple[int, ...], *back: Tensor):
+        E, num_runs, run = flat_runs.shape
+        outs: List[Optional[Tensor]] = [None] * len(channels)
+        spans = list(itertools.accumulate((C * R.shape[-1] // run for C, R in zip(channels, back)), initial=0))
+        for i in _largest_first(back):
+            C, R = channels[i], back[i]
+            part_t = flat_runs.index_select(1, gather_runs[spans[i]:spans[i + 1]]).view(E, R.shape[-1], C)
             # contiguous [E, C, L] again: consumers of strided messages were slower by more than this copy (the
             # attention's per-head weighting of the values: 3.5x)
-            outs.append(torch.bmm(R.transpose(1, 2).to(part_t.dtype), part_t).transpose(1, 2).contiguous())
-            col += C * L
-        ctx.save_for_backward(scatter_runs, *back)
-        ctx.channels, ctx.run = channels, run
+            outs[i] = torch.bmm(R.transpose(1, 2).to(part_t.dtype), part_t).transpose(1, 2).contiguous()
+            part_t = None
+        ctx.save_for_backward(gather_runs, *back)
+        ctx.channels, ctx.num_runs, ctx.run, ctx.spans = channels, num_runs, run, spans
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        scatter_runs, *back = ctx.saved_tensors
-        E = back[0].shape[0]
+        gather_runs, *back = ctx.saved_tensors
+        E, spans = back[0].shape[0], ctx.spans
         like = next(g for g in grads if g is not None)
-        parts = []
-        for C, R, g in zip(ctx.channels, back, grads):
-            L = R.shape[-1]
-            if g is None:
-                parts.append(like.new_zeros(E, L * C))
-            else:  # grad part_d^T = back_d @ g_d^T
-                parts.append(torch.bmm(R.to(g.dtype), g.transpose(1, 2)).view(E, L * C))
-        parts.append(like.new_zeros(E, ctx.run))  # what the zero run's gradient (if any, unused) reads
-        grad_runs = torch.cat(parts, dim=1)
-        grad_runs = grad_runs.view(E, grad_runs.shape[1] // ctx.run, ctx.run)
-        return (grad_runs.index_select(1, scatter_runs), None, None, None) + (None,) * len(back)
+        grad_runs = like.new_zeros(E, ctx.num_runs, ctx.run)  # degrees without a gradient: zero
+        for i in _largest_first(back):
+            if grads[i] is not None:  # grad part_d^T = back_d @ g_d^T, copied into the runs it was gathered from
+                part = torch.bmm(back[i].to(grads[i].dtype), grads[i].transpose(1, 2))
+                runs = gather_runs[spans[i]:spans[i + 1]]  # (explicit sizes: E may be 0)
+                grad_runs.index_copy_(1, runs, part.view(E, runs.shape[0], ctx.run))
+                part = None
+        return (grad_runs, None, None) + (None,) * len(back)
