@@ -300,3 +300,40 @@ def test_frames_are_made_once_and_serve_inference_and_training():
         inference_basis = get_basis(rel, 3)
         inference_basis.edge_frames()
     assert inference_basis.edge_frames() is not None and not inference_basis.edge_frames().back[1].is_inference()
+
+
+def test_gather_rotate_makes_one_message_sized_tensor_each_way():
+    """The gather and rotation of the kernel's joint output go one degree at a time: besides the kernel's output in
+    forward and its gradient in backward, no tensor of the messages' size (every degree's values per edge) is
+    made, so the peak holds at most one degree's temporaries beyond them (the gathered copy of all runs, and in
+    backward the concatenated gradients and their inverse gather, were two more)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    layer = ConvSE3(FIBER_IN, Fiber({0: 8, 1: 8, 2: 8, 3: 8}), Fiber({0: 2}), fuse_level="EDGE_FRAME").double()
+    pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
+    E, width = ei.shape[1], 8 * (1 + 3 + 5 + 7)
+    plan = layer._frame_plans[0]
+    assert not plan.needs_zero_column and sum(s.K * s.c_out for s in plan.specs) == width
+
+    class Made(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == E and t.numel() == E * width:
+                    self.storages.setdefault(t.untyped_storage().data_ptr(), str(func))
+            return out
+
+    with torch.no_grad(), Made() as forward:
+        _run(layer, ei, x, pos, e, 3)
+    assert len(forward.storages) == 1, forward.storages  # the kernel's output
+    x = {d: v.requires_grad_() for d, v in x.items()}
+    out = _run(layer, ei, x, pos, e, 3)
+    loss = sum((o * o).sum() for o in out.values())
+    with Made() as backward:
+        loss.backward()
+    assert len(backward.storages) == 1, backward.storages  # the gradient of the kernel's output
