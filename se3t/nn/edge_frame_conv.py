@@ -289,7 +289,7 @@ class _GatherRotate(torch.autograd.Function):
             outs[i] = torch.bmm(R.transpose(1, 2).to(part_t.dtype), part_t).transpose(1, 2).contiguous()
             part_t = None
         ctx.save_for_backward(gather_runs, *back)
-        ctx.channels, ctx.num_runs, ctx.run, ctx.spans = channels, num_runs, run, spans
+        ctx.num_runs, ctx.run, ctx.spans = num_runs, run, spans
         return tuple(outs)
 
     @staticmethod
