@@ -337,3 +337,16 @@ def test_gather_rotate_makes_one_message_sized_tensor_each_way():
     with Made() as backward:
         loss.backward()
     assert len(backward.storages) == 1, backward.storages  # the gradient of the kernel's output
+
+
+@pytest.mark.parametrize("fiber_out", [Fiber({0: 2, 1: 3, 2: 1, 3: 2, 4: 1}), Fiber({0: 8, 1: 8, 2: 8, 3: 8})],
+                         ids=["zero-run", "no-zero-run"])
+def test_gather_reads_every_run_so_its_gradient_needs_no_zero_fill(fiber_out):
+    """_GatherRotate's backward writes its gradient buffer without zeroing it first: that needs every run of the
+    kernel's output (and the zero run, where there is one) to be gathered by some output component."""
+    layer = ConvSE3(FIBER_IN, fiber_out, Fiber({0: 2}), fuse_level="EDGE_FRAME")
+    for plan in layer._frame_plans:
+        width = sum(s.K * s.c_out for s in plan.specs)
+        num_runs = width // plan.run + int(plan.needs_zero_column)
+        assert sorted(set(plan.gather_runs.tolist())) == list(range(num_runs))
+    assert any(plan.needs_zero_column for plan in layer._frame_plans) == (4 in fiber_out.degrees)

@@ -297,7 +297,12 @@ class _GatherRotate(torch.autograd.Function):
         gather_runs, *back = ctx.saved_tensors
         E, spans = back[0].shape[0], ctx.spans
         like = next(g for g in grads if g is not None)
-        grad_runs = like.new_zeros(E, ctx.num_runs, ctx.run)  # degrees without a gradient: zero
+        # Every run is written below when every degree has a gradient (each block output is read exactly once, and
+        # the zero run exists only because some component reads it): no zero fill then.
+        if all(g is not None for g in grads):
+            grad_runs = like.new_empty(E, ctx.num_runs, ctx.run)
+        else:
+            grad_runs = like.new_zeros(E, ctx.num_runs, ctx.run)
         for i in _largest_first(back):
             if grads[i] is not None:  # grad part_d^T = back_d @ g_d^T, copied into the runs it was gathered from
                 part = torch.bmm(back[i].to(grads[i].dtype), grads[i].transpose(1, 2))
