@@ -62,6 +62,12 @@ def _memory_mode(c: dict) -> str:
     return _lowmem(c.get("low_memory")) + (" + optimizer in backward" if c.get("optimizer_in_backward") else "")
 
 
+def _variant(c: dict) -> str:
+    """A plot series' suffix for the cell's execution options: low-memory, optimizer in backward, compiled."""
+    return (" low-mem" if c.get("low_memory") else "") + (" opt-in-bwd" if c.get("optimizer_in_backward") else "") \
+        + (" compiled" if c.get("compile") else "")
+
+
 def _any_compiled(result: dict) -> bool:
     return any(c.get("compile") for c in result["cells"])
 
@@ -263,9 +269,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> Dict[str, Path]:
             groups = list(dict.fromkeys(str(c[key]) for c in cells))
             series: Dict[str, Dict[str, float]] = defaultdict(dict)
             for c in cells:
-                name = c["precision"] + (" low-mem" if c.get("low_memory") else "") \
-                    + (" opt-in-bwd" if c.get("optimizer_in_backward") else "")
-                name += " compiled" if c.get("compile") else ""
+                name = c["precision"] + _variant(c)
                 if result["suite"] == "peers":
                     name = f"{c['model'].split('/')[-1]} {c['precision']}"
                 if len({c.get("batch_size") for c in cells}) > 1 and result["suite"] == "qm9":
@@ -284,10 +288,8 @@ def plot(result: dict, out_dir: Path, stem: str) -> Dict[str, Path]:
         groups = list(dict.fromkeys(str(c[key]) for c in cells))
         series = defaultdict(dict)
         for c in cells:
-            name = (f"{c['model'].split('/')[-1]} " if result["suite"] == "peers" else "") + c["precision"] + \
-                (" low-mem" if c.get("low_memory") else "") \
-                + (" opt-in-bwd" if c.get("optimizer_in_backward") else "") \
-                + (" compiled" if c.get("compile") else "")
+            name = (f"{c['model'].split('/')[-1]} " if result["suite"] == "peers" else "") + c["precision"] \
+                + _variant(c)
             series[name][str(c[key])] = c["memory"]["peak_bytes"] / 2 ** 30
         _bar_chart(ax, groups, dict(series), "peak memory (GiB)",
                    f"{cells[0]['mode'] if cells else ''}: peak memory by {key.replace('_', ' ')}")
