@@ -154,7 +154,8 @@ def layer_peaks(step, modules: Sequence[Tuple[str, torch.nn.Module]]) -> List[Tu
             if name in ("backward", "optimizer"):
                 phase, stretch = name, f"(start of {name})"
             else:
-                stretch = name[len("module "):] if phase == "forward" else f"from the recompute of {name[7:]}"
+                module = name[len("module "):]
+                stretch = module if phase == "forward" else f"from the recompute of {module}"
             m += 1
         live += nbytes
         if not rows or rows[-1][:2] != (phase, stretch):
