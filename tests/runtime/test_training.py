@@ -344,3 +344,14 @@ def test_cuda_graphs_training_equals_eager():
     assert loss_g == pytest.approx(loss_e, rel=1e-4)
     for k in p_e:
         torch.testing.assert_close(p_g[k], p_e[k], rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_in_backward_reports_a_nonfinite_gradient_as_applied():
+    """A finite loss whose backward makes a NaN gradient: the per-parameter step has already applied it, and the
+    trainer says so instead of claiming the update was held back."""
+    trainer = make_trainer(SyntheticMolecules(32), optimizer_in_backward=True)
+    first = next(p for p in trainer.module.parameters() if p.requires_grad)
+    first.register_hook(lambda g: g * float("nan"))  # before accumulation: the step's hook sees a NaN gradient
+    with pytest.raises(TrainingDiverged, match="the gradient became NaN/inf .* the update was applied"):
+        trainer.fit()
+    assert torch.isnan(first).any()
