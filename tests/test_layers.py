@@ -382,6 +382,44 @@ def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, order, mo
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
 
 
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_fused_kernel_partial_weight_gradients_need_no_zero_fill(level, order, monkeypatch):
+    """A work unit's partial weight gradient starts uninitialised, as the unit's first group writes every value:
+    with those buffers full of NaN, outputs and gradients are bitwise those of a normal run; a graph without
+    edges (an empty range) gives zero weight gradients."""
+    from se3t.nn import fused
+    set_kernel_order(monkeypatch, order)
+    monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    monkeypatch.setattr(fused, "MIN_UNIT_GROUPS", 1)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level)
+    layer.chunk_size = 1
+    pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
+    partial_buffer, filled = fused._partial_buffer, []
+
+    def nan_partial_buffer(shape, dtype, device, lo, hi):
+        buf = partial_buffer(shape, dtype, device, lo, hi)
+        if hi > lo:
+            filled.append(buf.fill_(float("nan")))
+        return buf
+
+    def run(ei, x, e):
+        out = _conv_fn(layer, ei, 2)(x, pos, e)
+        loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
+        return [*out.values(), *torch.autograd.grad(loss, list(layer.parameters()), allow_unused=True)]
+
+    normal = run(ei, x, e)
+    monkeypatch.setattr(fused, "_partial_buffer", nan_partial_buffer)
+    poisoned = run(ei, x, e)
+    assert len(filled) > 2 and all(torch.equal(a, b) for a, b in zip(normal, poisoned) if a is not None)
+    no_edges = torch.zeros(2, 0, dtype=torch.long)
+    grads = run(no_edges, x, {d: v[:0] for d, v in e.items()})[len(normal) - len(list(layer.parameters())):]
+    radial_weights = [g for g, (name, _) in zip(grads, layer.named_parameters()) if "radial" in name]
+    assert radial_weights and all(g is None or not g.any() for g in radial_weights)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 def test_fused_kernel_blockwise_equals_one_hand_off(level, threads, monkeypatch):
