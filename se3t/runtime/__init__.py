@@ -9,6 +9,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import EpochPlan
 from .distributed import DistInfo, init_distributed
 from .errors import TrainingDiverged, UserError
+from .heap import return_freed_memory
 from .optim import StepInBackward
 from .precision import Precision, PrecisionPolicy, resolve_precision
 from .training import Trainer, TrainOptions
@@ -29,5 +30,6 @@ __all__ = [
     "init_distributed",
     "load_checkpoint",
     "resolve_precision",
+    "return_freed_memory",
     "save_checkpoint",
 ]

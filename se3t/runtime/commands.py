@@ -19,6 +19,7 @@ from .checkpoint import load_checkpoint, load_model_state
 from .distributed import DistInfo, init_distributed, shutdown_distributed
 from .engine import StepTimer, evaluate_mae, predict_values
 from .errors import UserError
+from .heap import return_freed_memory
 from .metrics import MetricsLogger, log, setup_console_logging
 from .precision import PrecisionPolicy, resolve_precision
 from .qm9 import load_qm9, make_collate, take_subset, target_info
@@ -111,11 +112,17 @@ def _train(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
     torch.manual_seed(seed)
     model = build_model(model_config, args.fuse_level)
     n_params = sum(p.numel() for p in model.parameters())
+    returns_memory = bool(args.low_memory if args.return_freed_memory is None else args.return_freed_memory)
+    if returns_memory:  # process-wide, from here on (see se3t.runtime.heap)
+        returns_memory = return_freed_memory()
+        if not returns_memory and args.return_freed_memory:
+            log.warning("--return_freed_memory: the C library is not glibc; freed memory stays with the allocator")
     run = {k: getattr(args, k) for k in ("task", "split_seed", "train_subset", "val_subset", "epochs", "batch_size",
                                          "learning_rate", "min_learning_rate", "weight_decay", "optimizer",
                                          "accumulate_grad_batches", "gradient_clip", "optimizer_in_backward",
                                          "preset")}
-    run.update(seed=seed, world_size=dist.world_size, precision=policy.precision.value)
+    run.update(seed=seed, world_size=dist.world_size, precision=policy.precision.value,
+               return_freed_memory=returns_memory)
     config = {"model": model_config.to_dict(), "target": target.to_dict(), "run": run, "graph": "bonds"}
     metrics = MetricsLogger(args.log_dir, enabled=dist.is_main)
     metrics.write("config", **config, parameters=n_params, device=str(dist.device), train_molecules=len(train),
