@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import se3t
+import se3t.runtime
 from se3t import Fiber
 from se3t.runtime.optim import StepInBackward, build_optimizer
 
@@ -225,10 +226,13 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
               precision: str, low_memory: bool, scatter_backend: str, device: str, warmup: int, repeats: int,
               max_seconds: Optional[float] = None, seed: int = 0, item: str = "graphs",
               measure_gemm: bool = True, gemm_size: int = 2048, compile_model: bool = False,
-              cuda_graphs: bool = False, optimizer_in_backward: bool = False) -> Dict:
+              cuda_graphs: bool = False, optimizer_in_backward: bool = False,
+              return_freed_memory: bool = False) -> Dict:
     """Measure one cell: ``mode`` ``"train"`` (forward + L1 loss + backward + AdamW step) or ``"infer"``;
     ``optimizer_in_backward``: the AdamW step made per parameter during backward
-    (:class:`se3t.runtime.optim.StepInBackward`: no step holds all gradients);
+    (:class:`se3t.runtime.optim.StepInBackward`: no step holds all gradients); ``return_freed_memory``: glibc's
+    malloc gives freed tensors back to the system (:func:`se3t.runtime.return_freed_memory`, as ``se3t train
+    --low_memory`` does), set before anything else in the cell's process;
     ``compile_model``: time ``torch.compile(model, dynamic=False)`` (see the module docstring); ``cuda_graphs``:
     replay the forward (+ loss + backward) as a :class:`se3t.CUDAGraphStep`, one graph per padded batch shape
     captured before the timed steps; the optimizer steps eagerly."""
@@ -237,6 +241,8 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
         raise ValueError("cuda_graphs needs a CUDA device, low_memory off and compile off")
     if optimizer_in_backward and (mode != "train" or precision == "fp16" or cuda_graphs):
         raise ValueError("optimizer_in_backward needs training without fp16 loss scaling or CUDA graphs")
+    if return_freed_memory and not se3t.runtime.return_freed_memory():
+        raise ValueError("return_freed_memory needs glibc's malloc")
     model = build_model(kind, config, fuse_level, low_memory, seed).to(dev)
     result: Dict = {"num_parameters": sum(p.numel() for p in model.parameters())}
     with se3t.scatter.use_backend(scatter_backend), _fresh_compile_cache(compile_model):

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--optimizer-in-backward", type=_csv(_onoff), default=None,
                        help="qm9 training: on (AdamW stepped per parameter during backward, "
                             "se3t.runtime.optim.StepInBackward), off (default)")
+        f.add_argument("--return-freed-memory", type=_csv(_onoff), default=None,
+                       help="qm9: on (glibc's malloc gives freed tensors back to the system, as `se3t train "
+                            "--low_memory` has it: se3t.runtime.return_freed_memory), off (default)")
         f.add_argument("--low-memory-levels", type=_csv(str), default=None,
                        help="levels measured with low_memory=on (default: the model's default level; 'all')")
         f.add_argument("--scatter-backends", type=_csv(), default=None, help="default: every se3t.scatter backend; quick: torch")
@@ -189,7 +192,7 @@ def _defaults(args, suite: str, device: torch.device) -> None:
 def _settings(args) -> dict:
     keep = ("device", "threads", "repeats", "warmup", "quick", "seed", "cell_timeout", "max_cell_seconds",
             "mem_limit_gb", "max_step_seconds", "levels", "precisions", "batch_sizes", "low_memory", "low_memory_levels",
-            "optimizer_in_backward", "compile", "cuda_graphs", "scatter_backends", "modes", "model", "data",
+            "optimizer_in_backward", "return_freed_memory", "compile", "cuda_graphs", "scatter_backends", "modes", "model", "data",
             "num_batches", "sizes", "degree_points", "max_degree", "neighbours", "peer_depth", "gemm_size")
     s = {k: getattr(args, k, None) for k in keep}
     s["isolated_cells"] = not args.no_isolate

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import List
 
+from se3t.runtime.heap import glibc_malloc
+
 from .machine import precision_supported
 from .suite import Cell, default_fuse_level, fuse_levels, grid, scatter_backends
 
@@ -68,7 +70,8 @@ def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
                   precision=args.precisions, fuse_level=levels, low_memory=args.low_memory,
                   compile=getattr(args, "compile", None) or [False],
                   cuda_graphs=getattr(args, "cuda_graphs", None) or [False],
-                  optimizer_in_backward=getattr(args, "optimizer_in_backward", None) or [False], mode=args.modes):
+                  optimizer_in_backward=getattr(args, "optimizer_in_backward", None) or [False],
+                  return_freed_memory=getattr(args, "return_freed_memory", None) or [False], mode=args.modes):
         cell = Cell(suite="qm9", model=args.model, **g)
         why = precision_supported(g["precision"], device) or backends.get(g["scatter_backend"],
                                                                           "unknown scatter backend")
@@ -80,6 +83,8 @@ def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
             why = ("CUDA graphs exist on CUDA only" if device.type != "cuda" else
                    "low_memory is not capturable (host-side block bounds)" if g["low_memory"] else
                    "compile and CUDA graphs are separate modes" if g["compile"] else None)
+        if g["return_freed_memory"] and not why and not glibc_malloc():
+            why = "returning freed memory sets glibc's malloc (se3t.runtime.return_freed_memory)"
         if g["optimizer_in_backward"] and not why:
             why = ("fp16 loss scaling checks every gradient before any step" if g["precision"] == "fp16" else
                    "CUDA graphs replay the backward without the per-parameter steps" if g["cuda_graphs"] else None)
@@ -110,6 +115,6 @@ def build_cells(args, device, data: dict, gemm: dict = None) -> List[Cell]:
                 scatter_backend=g["scatter_backend"], device=str(device), warmup=args.warmup, repeats=args.repeats,
                 max_seconds=args.max_cell_seconds, seed=args.seed, item="graphs", gemm_size=args.gemm_size,
                 compile_model=g["compile"], cuda_graphs=g["cuda_graphs"],
-                optimizer_in_backward=g["optimizer_in_backward"]))
+                optimizer_in_backward=g["optimizer_in_backward"], return_freed_memory=g["return_freed_memory"]))
         cells.append(cell)
     return cells

@@ -8,10 +8,11 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["markdown", "plot", "compare", "readme_table", "cell_key", "fmt_bytes", "utilisation"]
 
-_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "optimizer_in_backward", "compile",
-               "cuda_graphs", "batch_size", "scatter_backend", "sweep", "num_points", "max_degree")
+_KEY_FIELDS = ("suite", "model", "mode", "fuse_level", "precision", "low_memory", "optimizer_in_backward",
+               "return_freed_memory", "compile", "cuda_graphs", "batch_size", "scatter_backend", "sweep", "num_points",
+               "max_degree")
 #: key fields left out of the key at this value: result files written before the field existed match these cells.
-_KEY_DEFAULTS = {"compile": False, "cuda_graphs": False, "optimizer_in_backward": False}
+_KEY_DEFAULTS = {"compile": False, "cuda_graphs": False, "optimizer_in_backward": False, "return_freed_memory": False}
 
 
 def cell_key(cell: dict) -> Tuple:
@@ -58,14 +59,17 @@ def _lowmem(v) -> str:
 
 
 def _memory_mode(c: dict) -> str:
-    """The low-memory column: low_memory, and the optimizer stepped in backward where it was."""
-    return _lowmem(c.get("low_memory")) + (" + optimizer in backward" if c.get("optimizer_in_backward") else "")
+    """The low-memory column: low_memory, the optimizer stepped in backward and freed memory returned where they
+    were."""
+    return _lowmem(c.get("low_memory")) + (" + optimizer in backward" if c.get("optimizer_in_backward") else "") \
+        + (" + freed memory returned" if c.get("return_freed_memory") else "")
 
 
 def _variant(c: dict) -> str:
-    """A plot series' suffix for the cell's execution options: low-memory, optimizer in backward, compiled."""
+    """A plot series' suffix for the cell's execution options: low-memory, optimizer in backward, freed memory
+    returned, compiled."""
     return (" low-mem" if c.get("low_memory") else "") + (" opt-in-bwd" if c.get("optimizer_in_backward") else "") \
-        + (" compiled" if c.get("compile") else "")
+        + (" freed-mem" if c.get("return_freed_memory") else "") + (" compiled" if c.get("compile") else "")
 
 
 def _any_compiled(result: dict) -> bool:

@@ -15,6 +15,7 @@ from benchmarks.data import synthetic_molecule_batches
 from benchmarks.runner import STATUSES, latency_stats, run_cell
 from benchmarks.scaling import fit_power_law
 from benchmarks.suite import CELL_KEYS, SCHEMA, fuse_levels
+from se3t.runtime.heap import glibc_malloc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--quick", "--no-isolate", "--repeats", "2", "--warmup", "1", "--gemm-size", "256"]
@@ -115,6 +116,22 @@ def test_optimizer_in_backward_cells(tmp_path, capsys):
     assert train[True]["memory"]["live_peak_bytes"] > 0
     assert main(["readme-table", str(tmp_path / "oib.json")]) == 0
     assert "| FULL | fp32 | on + optimizer in backward | 3 |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not glibc_malloc(), reason="glibc's malloc only")
+def test_return_freed_memory_cells(tmp_path, capsys):
+    """Cells whose process has glibc's malloc give freed tensors back (as ``se3t train --low_memory`` does): their
+    own rows, each cell in its own process (the setting is process-wide)."""
+    argv = ["qm9", *[a for a in FAST if a != "--no-isolate"], "--model", "tiny", "--data", "synthetic",
+            "--batch-sizes", "3", "--num-batches", "2", "--levels", "FULL", "--low-memory", "on",
+            "--low-memory-levels", "FULL", "--modes", "train", "--return-freed-memory", "off,on",
+            "--scatter-backends", "torch", "--no-plots", "--no-equivariance", "--out", str(tmp_path), "--name", "rfm"]
+    assert main(argv) == 0
+    cells = _load(tmp_path / "rfm.json")["cells"]
+    assert sorted(c["return_freed_memory"] for c in cells) == [False, True]
+    assert all(c["status"] == "ok" and c["memory"]["peak_bytes"] > 0 for c in cells)
+    assert main(["readme-table", str(tmp_path / "rfm.json")]) == 0
+    assert "| FULL | fp32 | on + freed memory returned | 3 |" in capsys.readouterr().out
 
 
 def test_readme_table_and_report(qm9_run, capsys):
