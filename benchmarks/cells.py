@@ -232,7 +232,7 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
     ``optimizer_in_backward``: the AdamW step made per parameter during backward
     (:class:`se3t.runtime.optim.StepInBackward`: no step holds all gradients); ``return_freed_memory``: glibc's
     malloc gives freed tensors back to the system (:func:`se3t.runtime.return_freed_memory`, as ``se3t train
-    --low_memory`` does), set before anything else in the cell's process;
+    --return_freed_memory`` does), set before anything else in the cell's process;
     ``compile_model``: time ``torch.compile(model, dynamic=False)`` (see the module docstring); ``cuda_graphs``:
     replay the forward (+ loss + backward) as a :class:`se3t.CUDAGraphStep`, one graph per padded batch shape
     captured before the timed steps; the optimizer steps eagerly."""

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "se3t.runtime.optim.StepInBackward), off (default)")
         f.add_argument("--return-freed-memory", type=_csv(_onoff), default=None,
                        help="qm9: on (glibc's malloc gives freed tensors back to the system, as `se3t train "
-                            "--low_memory` has it: se3t.runtime.return_freed_memory), off (default)")
+                            "--return_freed_memory` has it: se3t.runtime.return_freed_memory), off (default)")
         f.add_argument("--low-memory-levels", type=_csv(str), default=None,
                        help="levels measured with low_memory=on (default: the model's default level; 'all')")
         f.add_argument("--scatter-backends", type=_csv(), default=None, help="default: every se3t.scatter backend; quick: torch")

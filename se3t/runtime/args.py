@@ -100,10 +100,10 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--optimizer_in_backward", action=BOOL, default=False,
                    help="step each parameter as soon as its gradient is complete and free that gradient (less "
                         "memory; one process, no accumulation, no --gradient_clip, no fp16 --amp)")
-    g.add_argument("--return_freed_memory", action=BOOL, default=None,
-                   help="give freed tensor memory back to the system (glibc malloc, se3t.runtime.return_freed_memory): "
-                        "a resident set close to the live tensors for ~3-5%% more step time (default: with "
-                        "--low_memory)")
+    g.add_argument("--return_freed_memory", action=BOOL, default=False,
+                   help="give freed tensors back to the system (glibc malloc, se3t.runtime.return_freed_memory): a "
+                        "resident set closer to the live tensors, for page faults on every large tensor (paper model, "
+                        "2-core Zen 4: 3-6%% more step time, ~10%% with --low_memory)")
     g.add_argument("--cuda_graphs", action=BOOL, default=False,
                    help="replay each step's forward, loss and backward as a CUDA graph, one per padded batch shape "
                         "(CUDA, one process, no accumulation, no --low_memory); the optimizer steps eagerly")
