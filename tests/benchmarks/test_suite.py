@@ -134,6 +134,17 @@ def test_return_freed_memory_cells(tmp_path, capsys):
     assert "| FULL | fp32 | on + freed memory returned | 3 |" in capsys.readouterr().out
 
 
+def test_return_freed_memory_cells_need_glibc(tmp_path, monkeypatch):
+    from benchmarks import qm9
+    monkeypatch.setattr(qm9, "glibc_malloc", lambda: False)
+    argv = ["qm9", *FAST, "--model", "tiny", "--data", "synthetic", "--batch-sizes", "3", "--num-batches", "2",
+            "--levels", "FULL", "--low-memory", "off", "--modes", "train", "--return-freed-memory", "on",
+            "--scatter-backends", "torch", "--no-plots", "--no-equivariance", "--out", str(tmp_path), "--name", "no"]
+    assert main(argv) == 0
+    cell, = _load(tmp_path / "no.json")["cells"]
+    assert cell["status"] == "unsupported" and "glibc" in cell["reason"]
+
+
 def test_readme_table_and_report(qm9_run, capsys):
     assert main(["readme-table", str(qm9_run / "smoke.json")]) == 0
     text = capsys.readouterr().out
