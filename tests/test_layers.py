@@ -354,12 +354,8 @@ def test_conv_full_from_harmonics_equals_from_blocks():
         layer(xs, e, radial_in, ei, get_basis(rel, 1))
 
 
-@pytest.mark.parametrize("order", KERNEL_ORDERS)
-@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
-def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, order, monkeypatch):
-    """Worker threads take edge units dynamically (whichever is free): outputs and every gradient must still be
-    bitwise the same from run to run (per-unit partial grad_W summed in unit order), in float32 where summation
-    order would show."""
+def _conv_on_worker_threads(monkeypatch, level, order):
+    """A small conv whose fused kernel runs on two worker threads in many units of 2-edge groups."""
     from se3t.nn import fused
     set_kernel_order(monkeypatch, order)
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
@@ -369,6 +365,16 @@ def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, order, mo
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level)
     layer.chunk_size = 1
+    return layer
+
+
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_fused_kernel_on_worker_threads_is_bitwise_reproducible(level, order, monkeypatch):
+    """Worker threads take edge units dynamically (whichever is free): outputs and every gradient must still be
+    bitwise the same from run to run (per-unit partial grad_W summed in unit order), in float32 where summation
+    order would show."""
+    layer = _conv_on_worker_threads(monkeypatch, level, order)
     pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
     pos.requires_grad_(level == FuseLevel.FULL)  # EDGE_FRAME leaves position gradients to FULL
     fn = _conv_fn(layer, ei, 2)
@@ -389,13 +395,7 @@ def test_fused_kernel_partial_weight_gradients_need_no_zero_fill(level, order, m
     with those buffers full of NaN, outputs and gradients are bitwise those of a normal run; a graph without
     edges (an empty range) gives zero weight gradients."""
     from se3t.nn import fused
-    set_kernel_order(monkeypatch, order)
-    monkeypatch.setattr(fused, "GROUP_EDGES", 2)
-    monkeypatch.setattr(fused, "MIN_UNIT_GROUPS", 1)
-    monkeypatch.setattr(fused, "PARALLEL_MIN_VALUES", 0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level)
-    layer.chunk_size = 1
+    layer = _conv_on_worker_threads(monkeypatch, level, order)
     pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
     partial_buffer, filled = fused._partial_buffer, []
 
