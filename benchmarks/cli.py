@@ -192,8 +192,9 @@ def _defaults(args, suite: str, device: torch.device) -> None:
 def _settings(args) -> dict:
     keep = ("device", "threads", "repeats", "warmup", "quick", "seed", "cell_timeout", "max_cell_seconds",
             "mem_limit_gb", "max_step_seconds", "levels", "precisions", "batch_sizes", "low_memory", "low_memory_levels",
-            "optimizer_in_backward", "return_freed_memory", "compile", "cuda_graphs", "scatter_backends", "modes", "model", "data",
-            "num_batches", "sizes", "degree_points", "max_degree", "neighbours", "peer_depth", "gemm_size")
+            "optimizer_in_backward", "return_freed_memory", "compile", "cuda_graphs", "scatter_backends", "modes",
+            "model", "data", "num_batches", "sizes", "degree_points", "max_degree", "neighbours", "peer_depth",
+            "gemm_size")
     s = {k: getattr(args, k, None) for k in keep}
     s["isolated_cells"] = not args.no_isolate
     return s

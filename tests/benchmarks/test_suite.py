@@ -120,8 +120,8 @@ def test_optimizer_in_backward_cells(tmp_path, capsys):
 
 @pytest.mark.skipif(not glibc_malloc(), reason="glibc's malloc only")
 def test_return_freed_memory_cells(tmp_path, capsys):
-    """Cells whose process has glibc's malloc give freed tensors back (as ``se3t train --return_freed_memory`` does): their
-    own rows, each cell in its own process (the setting is process-wide)."""
+    """Cells whose process has glibc's malloc give freed tensors back (as ``se3t train --return_freed_memory``
+    does): their own rows, each cell in its own process (the setting is process-wide)."""
     argv = ["qm9", *[a for a in FAST if a != "--no-isolate"], "--model", "tiny", "--data", "synthetic",
             "--batch-sizes", "3", "--num-batches", "2", "--levels", "FULL", "--low-memory", "on",
             "--low-memory-levels", "FULL", "--modes", "train", "--return-freed-memory", "off,on",
