@@ -11,7 +11,7 @@ mapping, i.e. page faults, for each such tensor.
 Measured on the QM9 paper model, batch 100, fp32, 2-core AMD EPYC Zen 4 (resident-set growth over the state before
 training, 5 steps, AdamW state included): ``low_memory`` with the optimizer stepped in backward 278 -> 188 MiB,
 the default mode 394 -> 326 MiB; step time 3-6 % longer in the default mode and ~10 % with ``low_memory`` (the
-same process alternating the two settings; across processes, on a noisy day, 1.3-1.45x).
+same process alternating the two settings; across processes, on a noisy day, 1.1-1.6x).
 """
 from __future__ import annotations
 
