@@ -267,8 +267,9 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, first: bool = False) -> No
 def _partial_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device, lo: int, hi: int) -> Tensor:
     """A work unit's partial weight gradient for edges ``lo .. hi``: uninitialised, as the unit's first group writes
     every value (:func:`_accumulate_mm` with ``first``); zeros for an empty range, which writes nothing."""
-    return torch.empty(shape, dtype=dtype, device=device) if hi > lo else torch.zeros(shape, dtype=dtype,
-                                                                                      device=device)
+    if hi > lo:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 # --- edge ranges on CPU worker threads -------------------------------------------------------------------------

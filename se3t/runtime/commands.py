@@ -79,6 +79,10 @@ def _then_leave_group(fn, args: argparse.Namespace, dist: DistInfo, policy: Prec
 
 
 def _train(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
+    # process-wide and for what is allocated from here on (se3t.runtime.heap): before the data and the model
+    returns_memory = bool(args.return_freed_memory) and return_freed_memory()
+    if args.return_freed_memory and not returns_memory:
+        log.warning("--return_freed_memory: the C library is not glibc; freed memory stays with the allocator")
     model_config = ModelConfig.from_args(args)
     resume_state = None
     if args.load_ckpt_path:
@@ -112,9 +116,6 @@ def _train(args, dist: DistInfo, policy: PrecisionPolicy) -> int:
     torch.manual_seed(seed)
     model = build_model(model_config, args.fuse_level)
     n_params = sum(p.numel() for p in model.parameters())
-    returns_memory = bool(args.return_freed_memory) and return_freed_memory()  # process-wide (se3t.runtime.heap)
-    if args.return_freed_memory and not returns_memory:
-        log.warning("--return_freed_memory: the C library is not glibc; freed memory stays with the allocator")
     run = {k: getattr(args, k) for k in ("task", "split_seed", "train_subset", "val_subset", "epochs", "batch_size",
                                          "learning_rate", "min_learning_rate", "weight_decay", "optimizer",
                                          "accumulate_grad_batches", "gradient_clip", "optimizer_in_backward",
