@@ -10,8 +10,8 @@ running at that moment, and the tensors alive then, grouped by where they were m
 frames of se3t's own code). Tensors alive before the step (parameters, optimizer state, the batch) are not
 counted. It reads ``torch.profiler.profile._memory_profile()``, a private torch API (written against torch 2.13);
 its peak agrees with the allocation events' (:func:`~benchmarks.runner.live_tensor_peak`, the benchmark's "live
-tensors") to within a few percent (paper model, batch 100, low_memory and the optimizer in backward: 64.1 against
-63.6 MiB; tiny model ~6 %): the timeline follows tensors, the events the allocator's requests.
+tensors") to within a few percent (paper model, batch 100, low_memory and the optimizer in backward: 61.8 against
+61.4 MiB; tiny model ~6 %): the timeline follows tensors, the events the allocator's requests.
 
 ``--per-layer`` also prints where in the step the live tensors peak: the most bytes alive in each stretch of the
 step, in order (forward: while each of the transformer's modules runs; backward: from the start of backward, then
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .cells import _prediction, build_model, model_inputs
 from .data import load_packed_batches, synthetic_molecule_batches
 from .qm9 import PAPER_CONFIG, TINY_CONFIG
+from .runner import cpu_allocations, profiled_events
 
 __all__ = ["memory_peak", "layer_peaks", "main"]
 
@@ -123,9 +124,7 @@ def layer_peaks(step, modules: Sequence[Tuple[str, torch.nn.Module]]) -> List[Tu
     most, from the allocation events. ``step`` calls ``mark("backward")`` before its backward and
     ``mark("optimizer")`` before its optimizer step; a stretch starts whenever one of ``modules`` (``(label,
     module)``) starts a forward (in backward: a checkpoint's recompute)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from se3t.nn import fused
+    from torch.profiler import record_function
 
     def mark(name: str) -> None:
         with record_function("se3t-mark " + name):
@@ -133,18 +132,12 @@ def layer_peaks(step, modules: Sequence[Tuple[str, torch.nn.Module]]) -> List[Tu
 
     hooks = [m.register_forward_pre_hook(lambda _m, _a, label=label: mark("module " + label))
              for label, m in modules]
-    parallel, fused.PARALLEL_RANGES = fused.PARALLEL_RANGES, False
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step(mark)
+        events = profiled_events(lambda: step(mark))
     finally:
-        fused.PARALLEL_RANGES = parallel
         for h in hooks:
             h.remove()
-    events = prof.profiler.kineto_results.events()
-    cpu = torch.autograd.DeviceType.CPU
-    allocations = sorted((e.start_ns(), e.nbytes()) for e in events
-                         if e.name() == "[memory]" and e.device_type() == cpu)
+    allocations = cpu_allocations(events)
     marks = sorted((e.start_ns(), e.name()[len("se3t-mark "):]) for e in events
                    if e.name().startswith("se3t-mark "))
     phase, stretch, rows, live, m = "forward", "(before the first module)", [], 0, 0

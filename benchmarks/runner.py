@@ -14,14 +14,15 @@ import os
 import resource
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .machine import sync
 
-__all__ = ["run_cell", "PeakMemory", "live_tensor_peak", "time_steps", "latency_stats", "STATUSES", "is_oom"]
+__all__ = ["run_cell", "PeakMemory", "live_tensor_peak", "profiled_events", "cpu_allocations", "time_steps",
+           "latency_stats", "STATUSES", "is_oom"]
 
 #: ok: measured; oom: out of memory; timeout: killed after the cell's time limit; error: raised;
 #: skipped: not run, with the reason (e.g. identical to another cell); unsupported: cannot run here.
@@ -91,13 +92,9 @@ class PeakMemory:
                 "method": self.method}
 
 
-def live_tensor_peak(step: Callable[[], None]) -> dict:
-    """Peak bytes of live CPU tensors while ``step()`` runs, over those live when it starts: what the step's
-    tensors need, whatever the allocator keeps (the resident set of :class:`PeakMemory` also holds freed heap
-    memory glibc has not returned, which can be larger than the tensors themselves; this is the CPU counterpart of
-    CUDA's ``max_memory_allocated``). Measured from the allocation and free events of a profiled run of ``step``
-    with the fused kernel on the calling thread (the profiler sees that thread's allocations only; with worker
-    threads each would add its own chunk buffers, ~1-4 MiB)."""
+def profiled_events(step: Callable[[], None]) -> list:
+    """The profiler's events of one run of ``step()`` with memory events, the fused kernel on the calling thread (the
+    profiler sees that thread's allocations only)."""
     from torch.profiler import ProfilerActivity, profile
     from se3t.nn import fused
     parallel, fused.PARALLEL_RANGES = fused.PARALLEL_RANGES, False
@@ -106,10 +103,24 @@ def live_tensor_peak(step: Callable[[], None]) -> dict:
             step()
     finally:
         fused.PARALLEL_RANGES = parallel
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    return prof.profiler.kineto_results.events()
+
+
+def cpu_allocations(events: list) -> List[Tuple[int, int]]:
+    """``(start ns, bytes)`` of the CPU allocation (> 0) and free (< 0) events among ``events``, in time order."""
+    return sorted((e.start_ns(), e.nbytes()) for e in events
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+
+
+def live_tensor_peak(step: Callable[[], None]) -> dict:
+    """Peak bytes of live CPU tensors while ``step()`` runs, over those live when it starts: what the step's
+    tensors need, whatever the allocator keeps (the resident set of :class:`PeakMemory` also holds freed heap
+    memory glibc has not returned, which can be larger than the tensors themselves; this is the CPU counterpart of
+    CUDA's ``max_memory_allocated``). Measured from the allocation and free events of a profiled run of ``step``
+    with the fused kernel on the calling thread (the profiler sees that thread's allocations only; with worker
+    threads each would add its own chunk buffers, ~1-4 MiB)."""
     live = peak = 0
-    for _, nbytes in events:
+    for _, nbytes in cpu_allocations(profiled_events(step)):
         live += nbytes
         peak = max(peak, live)
     return {"live_peak_bytes": int(peak), "live_method": "torch.profiler memory events, one step on the calling "
