@@ -86,13 +86,15 @@ def test_fuse_levels_same_outputs_and_gradients(radial):
             assert torch.allclose(g, rg, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("segment", [1, 2])
 @pytest.mark.parametrize("fuse_level", ["EDGE_FRAME", "FULL"])
 @pytest.mark.parametrize("blocks", [1, 3, 100])
-def test_low_memory_same_outputs_gradients_and_all_parameters_train(blocks, fuse_level, monkeypatch):
+def test_low_memory_same_outputs_gradients_and_all_parameters_train(blocks, fuse_level, segment, monkeypatch):
     import se3t.model
     monkeypatch.setattr(se3t.model, "LOW_MEMORY_MIN_BLOCK_EDGES", 1)  # blocks on this small graph too
-    base = make_model(fuse_level=fuse_level)
-    low = make_model(low_memory=True, low_memory_blocks=blocks, fuse_level=fuse_level)
+    base = make_model(fuse_level=fuse_level, num_layers=3)
+    low = make_model(low_memory=True, low_memory_blocks=blocks, fuse_level=fuse_level, num_layers=3,
+                     low_memory_segment=segment)
     low.load_state_dict(base.state_dict())
     x, ei, pos, e, _ = make_inputs(num_nodes=16)
     # edges in random order, and nodes without incoming edges (the first and the last): blocks must still cover
@@ -119,26 +121,70 @@ def test_low_memory_same_outputs_gradients_and_all_parameters_train(blocks, fuse
 def test_low_memory_checkpoints_each_layer_with_its_norm(blocks, monkeypatch):
     """One checkpoint per layer (attention block + the norm after it) and one for the final conv, per block of
     destination nodes: a norm's input is not stored as a segment boundary of its own. With one block, the final
-    conv (whose backward runs first) is not checkpointed."""
+    conv (whose backward runs first) is not checkpointed. With segments of two layers, one more checkpoint around
+    each pair (a last single layer gets none)."""
     import se3t.model
     from se3t.graph import destination_blocks
-    segments = []
+    calls = []
     monkeypatch.setattr(se3t.model, "LOW_MEMORY_MIN_BLOCK_EDGES", 1)
     real = se3t.model.checkpoint
-    monkeypatch.setattr(se3t.model, "checkpoint", lambda fn, *a, **k: segments.append(a[:2]) or real(fn, *a, **k))
-    model = make_model(low_memory=True, num_layers=3, low_memory_blocks=blocks)
-    assert any(isinstance(m, NormSE3) for m in model.graph_modules)
+    monkeypatch.setattr(se3t.model, "checkpoint",
+                        lambda fn, *a, **k: calls.append((fn.__name__, a[0] if fn.__name__ == "_run_segment" else
+                                                          a[:2])) or real(fn, *a, **k))
     x, ei, pos, e, _ = make_inputs()
-    model(x, ei, pos, e)
-    n = len(model.graph_modules)
     per_layer = len(destination_blocks(ei, 12, blocks))
     assert per_layer == blocks
-    last = [(6, n)] if blocks > 1 else []
-    assert segments == [s for s in [(0, 2), (2, 4), (4, 6)] + last for _ in range(per_layer)] and n == 7
-    segments.clear()
-    with torch.no_grad():
+    for segment in (1, 2):
+        model = make_model(low_memory=True, num_layers=3, low_memory_blocks=blocks, low_memory_segment=segment)
+        assert any(isinstance(m, NormSE3) for m in model.graph_modules)
+        n = len(model.graph_modules)
+        layers = [(0, 2), (2, 4), (4, 6)] + ([(6, n)] if blocks > 1 else [])
         model(x, ei, pos, e)
-    assert segments == []  # nothing to recompute without autograd
+        each = [("_run_layer", s) for s in layers for _ in range(per_layer)]
+        if segment == 1:
+            assert calls == each and n == 7
+        else:
+            pairs = [layers[i:i + 2] for i in range(0, len(layers), 2)]
+            expected = [("_run_segment", p) for p in pairs if len(p) > 1]
+            assert [c for c in calls if c[0] == "_run_segment"] == expected
+            assert [c for c in calls if c[0] == "_run_layer"] == each
+            assert calls[0] == ("_run_segment", layers[:2])  # the segment's checkpoint encloses its layers'
+        calls.clear()
+        with torch.no_grad():
+            model(x, ei, pos, e)
+        assert calls == []  # nothing to recompute without autograd
+
+
+def test_low_memory_segments_recompute_the_same_numbers_and_keep_fewer_layer_inputs():
+    """Segments change what is stored, not what is computed: outputs and gradients are bitwise those of one
+    checkpoint per layer. On a graph where node features dominate (few edges per node), segments of two keep
+    two layer inputs fewer at the peak (the last checkpointed layer's backward: 3 of its 5 kept inputs)."""
+    from benchmarks.runner import live_tensor_peak
+    torch.manual_seed(0)
+    x, ei, pos, e, _ = make_inputs(num_nodes=400, p=0.01, dtype=torch.float32)
+    hidden = Fiber.create(4, 16)
+    ref = make_model(torch.float32, fiber_hidden=hidden, num_layers=6)
+    results, peaks = [], []
+    for segment in (1, 2, 3):
+        model = make_model(torch.float32, fiber_hidden=hidden, num_layers=6, low_memory=True,
+                           low_memory_segment=segment)
+        model.load_state_dict(ref.state_dict())
+
+        def step():
+            out = model(x, ei, pos, e)
+            sum(o.pow(2).sum() for o in out.values()).backward()
+
+        step()  # parameter gradients exist before the measured step, as in training
+        peaks.append(live_tensor_peak(step)["live_peak_bytes"])
+        model.zero_grad(set_to_none=True)
+        out = model(x, ei, pos, e)
+        grads = torch.autograd.grad(sum(o.pow(2).sum() for o in out.values()), list(model.parameters()))
+        results.append((out, grads))
+    for out, grads in results[1:]:
+        assert all(torch.equal(out[d], results[0][0][d]) for d in out)
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+    layer_input = 400 * hidden.num_features * 4
+    assert peaks[0] - peaks[1] > 1.5 * layer_input, [p / layer_input for p in peaks]
 
 
 def test_low_memory_blocks_have_a_minimum_of_edges(monkeypatch):
@@ -303,6 +349,8 @@ def test_constructor_errors():
     for blocks in (0, 2.5):
         with pytest.raises(ValueError, match="low_memory_blocks"):
             make_model(low_memory=True, low_memory_blocks=blocks)
+        with pytest.raises(ValueError, match="low_memory_segment"):
+            make_model(low_memory=True, low_memory_segment=blocks)
     with pytest.raises(ValueError, match="equivariance"):
         make_model(return_type=1, pooling="max")
     model = make_model(return_type=0, pooling="max")

@@ -123,6 +123,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--low_memory", action=BOOL, default=False, help="recompute activations in backward")
     g.add_argument("--low_memory_blocks", type=_positive_int, default=3,
                    help="with --low_memory: recompute each layer in this many blocks of destination nodes")
+    g.add_argument("--low_memory_segment", type=_positive_int, default=2,
+                   help="with --low_memory: keep the input of one layer in this many through the step (the others' "
+                        "are recomputed once in backward; 1: every layer's input, no extra forward)")
 
     g = p.add_argument_group("checkpoints and evaluation")
     g.add_argument("--save_ckpt_path", default=None, help="checkpoint file written during training")

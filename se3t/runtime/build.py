@@ -30,6 +30,7 @@ class ModelConfig:
     use_layer_norm: bool = True
     low_memory: bool = False
     low_memory_blocks: int = 3
+    low_memory_segment: int = 2
     node_features: int = 6
     edge_features: int = 4
     output_dim: int = 1
@@ -81,6 +82,7 @@ def build_model(config: ModelConfig, fuse_level: str = "EDGE_FRAME") -> torch.nn
         use_layer_norm=config.use_layer_norm,
         low_memory=config.low_memory,
         low_memory_blocks=config.low_memory_blocks,
+        low_memory_segment=config.low_memory_segment,
         fuse_level=se3t.FuseLevel[fuse_level.upper()],
     )
 

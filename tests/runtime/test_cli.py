@@ -13,7 +13,7 @@ import torch
 
 from se3t.__main__ import main
 from se3t.runtime.args import PRESETS, parse_args
-from se3t.runtime.build import ModelConfig
+from se3t.runtime.build import ModelConfig, build_model
 
 TINY_FLAGS = ["--num_layers", "1", "--num_degrees", "2", "--num_channels", "4", "--num_heads", "2"]
 
@@ -32,9 +32,12 @@ def test_reference_defaults_and_aliases():
             a.num_heads, a.channels_div, a.pooling, a.norm, a.use_layer_norm, a.ckpt_interval, a.eval_interval,
             a.optimizer, a.min_learning_rate, a.accumulate_grad_batches, a.task) == (
         240, 100, 0.002, 0.1, 7, 4, 32, 8, 2, "max", True, True, -1, 20, "adam", None, 1, "homo")
-    a = parse_args(["train", "--lr", "0.01", "--no-norm", "--amp", "--low_memory", "--low_memory_blocks", "8"])
+    a = parse_args(["train", "--lr", "0.01", "--no-norm", "--amp", "--low_memory", "--low_memory_blocks", "8",
+                    "--low_memory_segment", "3"])
     assert a.learning_rate == 0.01 and a.norm is False and a.amp is True and a.low_memory is True
     assert a.low_memory_blocks == 8 and ModelConfig.from_args(a).low_memory_blocks == 8
+    assert ModelConfig.from_args(a).low_memory_segment == 3 and build_model(ModelConfig.from_args(a)) \
+        .transformer.low_memory_segment == 3
     assert a.return_freed_memory is False and parse_args(["train", "--return_freed_memory"]).return_freed_memory
 
 
