@@ -248,17 +248,14 @@ def test_slot_weights_map_is_linear_with_its_adjoint_and_never_stored():
     G = torch.randn_like(W)
     assert torch.allclose((plan.apply(W) * G).sum(), (W * plan.adjoint(G)).sum(), atol=1e-10, rtol=0)
     assert torch.allclose(plan.apply(2 * W + G), 2 * plan.apply(W) + plan.apply(G), atol=1e-12)
-    # the kernel's block-by-block map and adjoint against these all-at-once references, with one block per order
-    # and with one per order and output degree (the plan of blockwise runs)
-    mapped = plan.apply(W)
-    for p, num_blocks in ((plan, 3), (layer._frame_plans_blockwise[0], 6)):
-        assert len(p.specs) == num_blocks and torch.equal(p.rows, plan.rows)
-        blockwise = torch.zeros_like(W)
-        for spec in p.specs:
-            block_rows = p.rows[spec.row:spec.row + spec.c_out * spec.k_in]
-            assert torch.allclose(p.block_weights(W, spec.row), mapped[block_rows], atol=1e-14, rtol=0)
-            p.add_block_adjoint(blockwise, G[block_rows], spec.row)
-        assert torch.allclose(blockwise, plan.adjoint(G), atol=1e-12, rtol=0)
+    # the kernel's block-by-block map and adjoint against these all-at-once references
+    mapped, rows, blockwise = plan.apply(W), plan.rows, torch.zeros_like(W)
+    assert len(plan.specs) == 3
+    for spec in plan.specs:
+        block_rows = rows[spec.row:spec.row + spec.c_out * spec.k_in]
+        assert torch.allclose(plan.block_weights(W, spec.row), mapped[block_rows], atol=1e-14, rtol=0)
+        plan.add_block_adjoint(blockwise, G[block_rows], spec.row)
+    assert torch.allclose(blockwise, plan.adjoint(G), atol=1e-12, rtol=0)
     pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
     saved = []
 
@@ -348,34 +345,8 @@ def test_gather_reads_every_run_so_its_gradient_needs_no_zero_fill(fiber_out):
     """_GatherRotate's backward writes its gradient buffer without zeroing it first: that needs every run of the
     kernel's output (and the zero run, where there is one) to be gathered by some output component."""
     layer = ConvSE3(FIBER_IN, fiber_out, Fiber({0: 2}), fuse_level="EDGE_FRAME")
-    for plan in layer._frame_plans + layer._frame_plans_blockwise:
+    for plan in layer._frame_plans:
         width = sum(s.K * s.c_out for s in plan.specs)
         num_runs = width // plan.run + int(plan.needs_zero_column)
         assert sorted(set(plan.gather_runs.tolist())) == list(range(num_runs))
     assert any(plan.needs_zero_column for plan in layer._frame_plans) == (4 in fiber_out.degrees)
-
-
-@pytest.mark.parametrize("radial", ["conv", "pair"])
-def test_blockwise_plan_has_smaller_blocks_and_the_same_messages_and_gradients(radial):
-    """Blockwise runs (low memory) use a plan with one block per order and output degree: the largest block, whose
-    weights, weight gradient and partial gradients bound the kernel's memory, is smaller, and outputs and
-    gradients are those of the plan with one block per order (to rounding: the input gradient sums the blocks of
-    an order in another order)."""
-    fiber_out = Fiber({0: 3, 1: 2, 2: 2, 3: 1})
-    layer = ConvSE3(FIBER_IN, fiber_out, Fiber({0: 2}), fuse_level="EDGE_FRAME", radial=radial).double()
-    for merged, split in zip(layer._frame_plans, layer._frame_plans_blockwise):
-        assert all(len(o) == 1 for o in split.block_outputs)
-        assert sorted(sum(split.block_outputs, ())) == sorted(sum(merged.block_outputs, ()))
-        largest = [max(s.c_out * s.k_in for s in p.specs) for p in (merged, split)]
-        assert largest[1] < largest[0] if radial == "conv" else largest[1] == largest[0]  # "pair": one degree each
-    pos, ei, x, e = _conv_inputs(Fiber({0: 2}), num_nodes=12)
-    x = {d: v.requires_grad_() for d, v in x.items()}
-    runs = []
-    for blockwise in (False, True):
-        layer.blockwise_kernel = blockwise
-        out = _run(layer, ei, x, pos, e, 3)
-        loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
-        runs.append([*(out[d] for d in sorted(out)), *torch.autograd.grad(loss, [*x.values(), *layer.parameters()])])
-    assert len(runs[0]) == len(fiber_out) + len(x) + len(list(layer.parameters()))
-    for a, b in zip(*runs):
-        assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)

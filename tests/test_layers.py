@@ -425,8 +425,7 @@ def test_fused_kernel_partial_weight_gradients_need_no_zero_fill(level, order, m
 def test_fused_kernel_blockwise_equals_one_hand_off(level, threads, monkeypatch):
     """``blockwise`` (one output-degree block at a time, for low memory) runs the same per-block work in the same
     order per edge as the default single hand-off of all blocks: bitwise the same outputs and gradients, on the
-    calling thread and on worker threads; a low-memory conv or model turns it on. (EDGE_FRAME's blockwise runs
-    use a plan with smaller blocks, tested in test_edge_frame; here both modes run the same plan.)"""
+    calling thread and on worker threads; a low-memory conv or model turns it on."""
     from se3t.nn import fused
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "MIN_UNIT_GROUPS", 1)
@@ -434,7 +433,6 @@ def test_fused_kernel_blockwise_equals_one_hand_off(level, threads, monkeypatch)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2, 2: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level)
     assert not layer.blockwise_kernel
-    monkeypatch.setattr(layer, "_frame_plan", lambda g: (layer._frame_plans[g], getattr(layer, f"_frame_gather_{g}")))
     pos, ei, x, e = _edge_inputs(torch.float32, num_nodes=14)
     pos.requires_grad_(level == FuseLevel.FULL)
     x = {d: v.detach().requires_grad_() for d, v in x.items()}

@@ -141,16 +141,11 @@ class ConvSE3(nn.Module):
         self._group_blocks = [[b for d in fiber_out.degrees for b in self._blocks[d] if b.group == g]
                               for g in range(len(groups))]
         self._fused_specs = [self._build_fused_specs(g) for g in range(len(groups))]
-        # per radial MLP: one plan for the kernel's one-hand-off runs and one with smaller blocks for blockwise runs
-        # (the same kernel rows, another output layout)
-        self._frame_plans, self._frame_plans_blockwise = (
-            [EdgeFramePlan(self._group_blocks[g], fiber_in.degrees, self.in_channels, dict(fiber_out), split)
-             for g in range(len(groups))] for split in (False, True))
-        for g, (plan, split) in enumerate(zip(self._frame_plans, self._frame_plans_blockwise)):
-            assert torch.equal(plan.rows, split.rows)
+        self._frame_plans = [EdgeFramePlan(self._group_blocks[g], fiber_in.degrees, self.in_channels, dict(fiber_out))
+                             for g in range(len(groups))]
+        for g, plan in enumerate(self._frame_plans):
             self.register_buffer(f"_frame_rows_{g}", plan.rows, persistent=False)
             self.register_buffer(f"_frame_gather_{g}", plan.gather_runs, persistent=False)
-            self.register_buffer(f"_frame_gather_blockwise_{g}", split.gather_runs, persistent=False)
 
         if self_interaction:
             self.to_kernel_self = nn.ParameterDict({
@@ -277,22 +272,15 @@ class ConvSE3(nn.Module):
             x, x_index = node_feats, src
         return [x[d] for d in self.fiber_in.degrees], x_index
 
-    def _frame_plan(self, g: int) -> Tuple[EdgeFramePlan, Tensor]:
-        """Radial MLP ``g``'s edge-frame plan for the kernel's mode (blockwise: the one with smaller blocks) and
-        its gather index on the module's device."""
-        if self.blockwise_kernel:
-            return self._frame_plans_blockwise[g], getattr(self, f"_frame_gather_blockwise_{g}")
-        return self._frame_plans[g], getattr(self, f"_frame_gather_{g}")
-
     def _edge_frame_messages(self, node_feats: Features, edge_feats: Optional[Features], radial_in: Tensor,
                              src: Tensor, basis: Basis) -> Features:
         """:meth:`edge_messages` in the edge frame (``FuseLevel.EDGE_FRAME``, see :mod:`se3t.nn.edge_frame_conv`)."""
         xs, x_index = self._kernel_inputs(node_feats, edge_feats, src)
         out: Features = {}
-        for g, mlp in enumerate(self.radial):
-            plan, gather_runs = self._frame_plan(g)
+        for g, (mlp, plan) in enumerate(zip(self.radial, self._frame_plans)):
             msgs = plan.messages(mlp.hidden_features(radial_in), mlp.last.weight, getattr(self, f"_frame_rows_{g}"),
-                                 gather_runs, xs, x_index, basis, self.chunk_size, self.blockwise_kernel)
+                                 getattr(self, f"_frame_gather_{g}"), xs, x_index, basis, self.chunk_size,
+                                 self.blockwise_kernel)
             for d, o in msgs.items():
                 out[d] = o if d not in out else out[d] + o
         return out

@@ -40,15 +40,10 @@ class EdgeFramePlan:
             in_offsets)`` (:class:`se3t.nn.conv._Block`); every block must cover the same input degrees.
         in_degrees: the conv's input degrees (``xs`` order).
         in_channels, out_channels: channels per degree.
-        split_outputs: one kernel block per order ``m`` and output degree, not one per order: the same outputs,
-            rows and parameters in other blocks, for blockwise runs (``fused_conv(blockwise=True)``), where a
-            block's weights, their gradient and a work unit's partial gradient exist one block at a time
-            (paper model: the largest block 2.25 MiB merged, 0.75 MiB split). The frame rows of an order are made
-            once per group of edges for each of its blocks.
     """
 
     def __init__(self, blocks: Sequence, in_degrees: Sequence[int], in_channels: Dict[int, int],
-                 out_channels: Dict[int, int], split_outputs: bool = False):
+                 out_channels: Dict[int, int]):
         d_ins = blocks[0].d_ins
         if any(b.d_ins != d_ins for b in blocks):
             raise ValueError("edge-frame execution needs every output degree of a radial MLP to read the same "
@@ -60,8 +55,7 @@ class EdgeFramePlan:
         rows: List[Tensor] = []
         #: per kernel part, the (d_in, m) of its frame rows
         self.part_orders: List[Tuple[int, int]] = []
-        #: per block: its order m and its output degrees, ascending
-        self.block_orders: List[int] = []
+        #: per order m: the output degrees of its block, ascending
         self.block_outputs: List[Tuple[int, ...]] = []
         # The slot weights are kept pair-major: pair by pair (parameter order), rows (slot, o, c), so that mapping
         # frequencies to slots is one GEMM per pair (``perm``: the parameter rows in that order, with (f, o, c)).
@@ -88,21 +82,19 @@ class EdgeFramePlan:
                 parts.append(PartSpec(in_degrees.index(d), len(self.part_orders), col, S, in_channels[d]))
                 self.part_orders.append((d, m))
                 col += S * in_channels[d]
-            for group in ([[b] for b in outs] if split_outputs else [outs]):  # the blocks' parts read the same rows
-                c_out = sum(out_channels[b.d_out] for b in group)
-                specs.append(BlockSpec(row, c_out, 1 if m == 0 else 2, col, tuple(parts)))
-                self.block_orders.append(m)
-                self.block_outputs.append(tuple(b.d_out for b in group))
-                row += c_out * col
-                # kernel row ((d_out, o), (d_in, slot, c)) <- pair-major slot row (slot, o, c) of pair (d_in, d_out)
-                for b in group:
-                    C_o, cols = out_channels[b.d_out], []
-                    for d in ins:
-                        C = in_channels[d]
-                        slots = torch.tensor([_slot_index(m, s) for s in range(S)])
-                        o, s_, c = torch.meshgrid(torch.arange(C_o), slots, torch.arange(C), indexing="ij")
-                        cols.append((pair_start[(d, b.d_out)] + s_ * (C_o * C) + o * C + c).reshape(C_o, -1))
-                    rows.append(torch.cat(cols, dim=1).reshape(-1))
+            c_out = sum(out_channels[b.d_out] for b in outs)
+            specs.append(BlockSpec(row, c_out, 1 if m == 0 else 2, col, tuple(parts)))
+            self.block_outputs.append(tuple(b.d_out for b in outs))
+            row += c_out * col
+            # kernel row ((d_out, o), (d_in, slot, c)) <- pair-major slot row (slot, o, c) of pair (d_in, d_out)
+            for b in outs:
+                C_o, cols = out_channels[b.d_out], []
+                for d in ins:
+                    C = in_channels[d]
+                    slots = torch.tensor([_slot_index(m, s) for s in range(S)])
+                    o, s_, c = torch.meshgrid(torch.arange(C_o), slots, torch.arange(C), indexing="ij")
+                    cols.append((pair_start[(d, b.d_out)] + s_ * (C_o * C) + o * C + c).reshape(C_o, -1))
+                rows.append(torch.cat(cols, dim=1).reshape(-1))
         self.specs = tuple(specs)
         self.rows = torch.cat(rows)
         self._build_gather_index()
@@ -126,13 +118,12 @@ class EdgeFramePlan:
         for b in self.blocks:
             C, L = self.out_channels[b.d_out], degree_to_dim(b.d_out)
             where = torch.full((L, C), zero_column, dtype=torch.long)
-            for j, (m, outputs, spec) in enumerate(zip(self.block_orders, self.block_outputs, self.specs)):
-                if b.d_out not in outputs:  # (orders above every input degree have no block: zero column)
-                    continue
+            for m in range(min(b.d_out, len(self.specs) - 1) + 1):
+                outputs, spec = self.block_outputs[m], self.specs[m]
                 channels = sum(self.out_channels[d] for d in outputs[:outputs.index(b.d_out)]) + torch.arange(C)
-                where[b.d_out + m] = starts[j] + channels  # row k = 0: component +m
+                where[b.d_out + m] = starts[m] + channels  # row k = 0: component +m
                 if m > 0:
-                    where[b.d_out - m] = starts[j] + spec.c_out + channels  # row k = 1: component -m
+                    where[b.d_out - m] = starts[m] + spec.c_out + channels  # row k = 1: component -m
             index.append(where.reshape(-1))
         gather_index = torch.cat(index)
         self.needs_zero_column = bool((gather_index == zero_column).any())
@@ -152,13 +143,13 @@ class EdgeFramePlan:
         and where their rows ``(slot, o, c)`` sit among the block's rows, so that a block's weights are made (and
         its gradient mapped back) without the other blocks'."""
         self._block_maps: Dict[int, List[Tuple[int, List[int], Tensor]]] = {}
-        for m, outputs, spec in zip(self.block_orders, self.block_outputs, self.specs):
+        for m, spec in enumerate(self.specs):
             n = spec.c_out * spec.k_in
             position = torch.full((num_rows,), -1, dtype=torch.long)
             position[self.rows[spec.row:spec.row + n]] = torch.arange(n)
             entries = []
             for p, (start, size, d_in, d_out) in enumerate(self._pairs):
-                if min(d_in, d_out) < m or d_out not in outputs:
+                if min(d_in, d_out) < m:
                     continue
                 cell = size // num_frequencies(d_in, d_out)  # rows (o, c) of one slot
                 slots = [_slot_index(m, s) for s in range(num_slots(m))]
