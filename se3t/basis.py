@@ -362,7 +362,7 @@ class Basis(Mapping):
         if self._frames is not None:
             frames, rows = self._frames
             if frames is not None:
-                frames = EdgeFrames(*([t.index_select(0, edges) for t in ts] for ts in frames))
+                frames = frames.index_select(edges)
             out._frames = (frames, {key: r.index_select(0, edges) for key, r in rows.items()})
         return out
 

@@ -63,10 +63,23 @@ def so2_coefficients(d_in: int, d_out: int) -> Tensor:
 class EdgeFrames(NamedTuple):
     """Per-edge rotations into the edge frame: ``rot[l] [E, 2l+1, 2l+1]`` (``x' = x @ rot[l]``) and the
     rotations back with the harmonics' scale, ``back[l] = (s * rot[l])^T`` (``out = out' @ back[l]``); zero on
-    padding edges."""
+    padding edges. Where ``s`` is one, ``back[l]`` is a transposed view of ``rot[l]`` (no second copy)."""
 
     rot: List[Tensor]
     back: List[Tensor]
+
+    def index_select(self, edges: Tensor) -> "EdgeFrames":
+        """The frames of ``edges`` (int64 ``[E']``); a ``back`` that is a view of its ``rot`` stays one."""
+        rot = [r.index_select(0, edges) for r in self.rot]
+        back = [s.transpose(1, 2) if _transposed_view(b, r) else b.index_select(0, edges)
+                for b, r, s in zip(self.back, self.rot, rot)]
+        return EdgeFrames(rot, back)
+
+
+def _transposed_view(b: Tensor, r: Tensor) -> bool:
+    """Whether ``b`` is ``r.transpose(1, 2)`` (the same memory)."""
+    t = r.transpose(1, 2)
+    return b.data_ptr() == t.data_ptr() and b.shape == t.shape and b.stride() == t.stride()
 
 
 def _trig(theta: Tensor, l: int) -> Tensor:
@@ -152,6 +165,11 @@ def edge_frames(harmonics: Tensor, max_degree: int, from_edge_vectors: bool = Fa
                             "drop such edges")
     live = (scale > 0).to(sh.dtype).view(-1, 1, 1)
     rot = [_wigner(l, alpha, beta) * live for l in range(max_degree + 1)]
+    if from_edge_vectors:
+        # Harmonics of edge vectors have s = 1 on every edge but padding (their Y_0 differs from 1/sqrt(4 pi) by
+        # rounding only): the rotations back are the frames' transposes, kept as views of them.
+        rot = [r.to(dtype) for r in rot]
+        return EdgeFrames(rot, [r.transpose(1, 2) for r in rot])
     back = [(r * scale.view(-1, 1, 1)).transpose(1, 2).contiguous() for r in rot]
     return EdgeFrames([r.to(dtype) for r in rot], [b.to(dtype) for b in back])
 

@@ -15,6 +15,7 @@ from .nn.attention import AttentionBlockSE3
 from .nn.conv import RADIAL_SHARING, ConvSE3, FuseLevel
 from .nn.norm import NormSE3
 from .nn.pooling import GraphPooling
+from .nn.radial import RadialMLP
 
 __all__ = ["SE3Transformer", "SE3TransformerPooled"]
 
@@ -107,10 +108,12 @@ class SE3Transformer(nn.Module):
                                radial=radials[-1], reference_parity=reference_parity))
         # Same interleaving and name as the reference so checkpoints map one to one.
         self.graph_modules = nn.ModuleList(modules)
-        if low_memory:  # the fused kernels too: one block's weights at a time
+        if low_memory:  # the fused kernels too: one block's weights at a time; the radial MLPs keep their input only
             for m in self.graph_modules.modules():
                 if isinstance(m, ConvSE3):
                     m.blockwise_kernel = True
+                elif isinstance(m, RadialMLP):
+                    m.recompute_hidden = True
         self.pooling_module = GraphPooling(pooling, return_type) if pooling is not None else None
 
     def _run_modules(self, start: int, stop: int, feats: Features, edge_feats: Features, radial_in: Tensor,

@@ -774,3 +774,36 @@ def test_layers_on_a_block_of_destination_nodes_give_those_rows(kind):
             acc += g
     for g, bg in zip(grads, block_grads):
         assert torch.allclose(g, bg, atol=1e-11, rtol=0)
+
+
+def test_radial_mlp_recompute_hidden_keeps_only_its_input():
+    """With ``recompute_hidden`` (set by a low-memory model) the MLP's hidden features are bitwise the same, with
+    the same gradients, and backward keeps none of its [E, hidden] activations (they are recomputed there)."""
+    from se3t.nn.radial import RadialMLP
+    torch.manual_seed(0)
+    mlp = RadialMLP(5, 12, hidden=16, use_layer_norm=True).double()
+    x = torch.randn(40, 5, dtype=torch.float64, requires_grad=True)
+    results, kept = [], []
+    for recompute in (False, True):
+        mlp.recompute_hidden = recompute
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = mlp.hidden_features(x)
+        kept.append(sum(1 for t in saved if t.shape == (40, 16)))
+        results.append([out, *torch.autograd.grad(out.sin().sum(), [x, *mlp.net[:-1].parameters()])])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert kept[0] >= 3 and kept[1] == 0, kept
+    model = SE3Transformer(num_layers=1, fiber_in=Fiber({0: 3}), fiber_hidden=Fiber({0: 4, 1: 4}),
+                           fiber_out=Fiber({0: 2}), num_heads=2, channels_div=2, low_memory=True)
+    mlps = [m for m in model.modules() if isinstance(m, RadialMLP)]
+    assert mlps and all(m.recompute_hidden for m in mlps)
+
+
+def test_blockwise_kernel_cuts_smaller_cpu_tiles():
+    from se3t.nn import fused
+    from se3t.nn.fused import BlockSpec, _tiling
+    block = BlockSpec(0, 96, 2, 192, ())
+    cpu = torch.device("cpu")
+    (g0, t0), (g1, t1) = (_tiling(None, block, 3738, cpu, torch.float32, blockwise) for blockwise in (False, True))
+    assert g0 == g1 == fused.GROUP_EDGES
+    assert g0 * t0 * 192 <= fused.CHUNK_VALUES and g1 * t1 * 192 <= fused.CHUNK_VALUES // 2 < g0 * t0 * 192

@@ -43,7 +43,7 @@ from torch import Tensor
 
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
            "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES",
-           "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD",
+           "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD", "BLOCKWISE_BUDGET_DIVISOR",
            "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON"]
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
@@ -54,6 +54,10 @@ CHUNK_VALUES = 1 << 19
 #: Edges sharing one build of ``tmp`` on CPU. 128: as fast as 256 (measured on 2-core EPYC, same process, paper
 #: model; 64 was 14 % slower) with half the per-thread group buffers. On the 2-core Xeon: 64 1.14x, 256 1.10x.
 GROUP_EDGES = 128
+#: Blockwise (low-memory) runs on CPU divide the tile budget by this: R's tile buffer is part of their peak (paper
+#: model, batch 100, low_memory with the optimizer in backward: 1.9 of 48.6 MiB), and halving it did not change
+#: the step time measurably (0.99x, same process, 2-core Zen 4).
+BLOCKWISE_BUDGET_DIVISOR = 2
 #: CPU group and tile budget for 2-byte dtypes (bf16/fp16 autocast): four times fp32's values per tile (4 MiB of
 #: bf16 against 2 MiB of fp32) in groups of up to 512 edges. Measured on a 2-core AMD EPYC Zen 4 (AVX-512 with
 #: native bf16 dot products), same process, paper model, batch 100, bf16 autocast, against the fp32 settings:
@@ -133,17 +137,19 @@ def _cpu_limits(dtype: torch.dtype, E: int) -> Tuple[int, int]:
 
 
 def _tiling(chunk: Optional[int], block: BlockSpec, E: int, device: torch.device,
-            dtype: torch.dtype = torch.float32) -> Tuple[int, int]:
+            dtype: torch.dtype = torch.float32, blockwise: bool = False) -> Tuple[int, int]:
     """``(edges per group, output channels per tile)`` of a block in the ``R`` order: a tile of ``R`` is
     ``[group, tile * K_in]``, at most the device's budget of values where it can be. On CPU a group has at most
     ``chunk`` (default: :func:`_cpu_limits`) edges and the tiles cut the output channels so ``R`` stays in cache
     while the weights of a tile serve the whole group: cutting the edges into chunks instead re-read all of the
     block's weights (``H * C_out * K_in`` values, more than ``R``'s chunk) for every 14-edge chunk of the paper
     model's widest blocks (measured on 2-core EPYC: 1.1-1.25x on such a block). Accelerators want few, large
-    launches: whole rows of ``R`` for as many edges as the budget holds."""
+    launches: whole rows of ``R`` for as many edges as the budget holds. ``blockwise``: the CPU budget is divided
+    by :data:`BLOCKWISE_BUDGET_DIVISOR`."""
     k_in = max(block.k_in, 1)
     if device.type == "cpu":
         default_group, budget = _cpu_limits(dtype, E)
+        budget //= BLOCKWISE_BUDGET_DIVISOR if blockwise else 1
         group = max(1, min(default_group if chunk is None else chunk, budget // k_in))
     else:
         budget = CHUNK_VALUES_ACCELERATOR
@@ -465,7 +471,7 @@ class _FusedConv(torch.autograd.Function):
                 group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
                 W_outer = Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out)
             else:
-                group, tile = _tiling(chunk, b, E, h.device, h.dtype)
+                group, tile = _tiling(chunk, b, E, h.device, h.dtype, blockwise)
                 Wj_t = Wj_t.contiguous()  # [H, C_out*K_in]: R's GEMM reads a column slice (measured on Xeon: ~12 %
                 # faster than from the transposed rows)
             # output through a buffer when the GEMM's destination would be strided (a tile of channels, or a view of
@@ -564,10 +570,10 @@ class _FusedConv(torch.autograd.Function):
             _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps],
                         lambda partials: [st[4](p) for st, p in zip(steps, partials)], E,
                         max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
-            for *_, row, grad_Wj in steps:
-                if grad_Wj is not None:
-                    weight_map.add_block_adjoint(grad_W, grad_Wj, row)
-            steps.clear()
+            mapped = [(row, grad_Wj) for *_, row, grad_Wj in steps if grad_Wj is not None]
+            steps.clear()  # the blocks' weights (held by their range functions) go before the adjoints' temporaries
+            while mapped:
+                weight_map.add_block_adjoint(grad_W, *reversed(mapped.pop(0)))
 
         largest = E * max(b.c_out * b.k_in for b in blocks)
         triton = _use_triton(h)
@@ -594,8 +600,9 @@ class _FusedConv(torch.autograd.Function):
                 group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
                 W_outer_t = Wj.view(b.c_out, b.k_in, H).transpose(1, 2).reshape(b.c_out, H * b.k_in)
             else:
-                group, tile = _tiling(chunk, b, E, h.device, h.dtype)
+                group, tile = _tiling(chunk, b, E, h.device, h.dtype, blockwise)
                 Wj_t = Wj.t().contiguous()  # R = h @ W_j^T as in forward, and grad_h's GEMM (transposed)
+            Wj_shape, Wj = Wj.shape, None  # (made in the layouts above: the rows themselves are not needed again)
 
             def backward_buffers(arena: _Arena, b=b, j=j, parts_in=parts_in, group=group, tile=tile, outer=outer,
                                  triton=triton):
@@ -723,7 +730,7 @@ class _FusedConv(torch.autograd.Function):
                 fold = (lambda partial, r=rows[b.row:b.row + b.c_out * b.k_in]:
                         grad_W.index_add_(0, r, partial.reshape(-1, H)))
             else:  # partials [C_out * K_in, H], or [C_out, K_in, H] (outer order): added as views, no copy
-                grad_Wj = torch.zeros(Wj.shape, dtype=acc_dtype, device=h.device)
+                grad_Wj = torch.zeros(Wj_shape, dtype=acc_dtype, device=h.device)
                 fold = (lambda partial, g=grad_Wj: g.view(partial.shape).add_(partial))
             fn = triton_backward_range if triton else (outer_backward_range if outer else backward_range)
             # the chosen range function holds its own references; the others would keep this block's weights
@@ -773,7 +780,9 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     ``blockwise``: run the output-degree blocks one after another over all edges (small ones together), so that at
     most the largest block's worth of (mapped) weights and weight gradients exists at a time (low-memory runs;
     instead of all blocks', at the cost of more hand-offs to the worker threads). Default: every edge
-    range goes through all blocks in one hand-off (faster on CPU). The results are the same either way.
+    range goes through all blocks in one hand-off (faster on CPU). The results are the same either way: bitwise
+    for the same tiles, to rounding where the CPU's blockwise tiles are smaller (:data:`BLOCKWISE_BUDGET_DIVISOR`:
+    the input gradient then sums a block's tiles in more steps).
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
     preallocated buffers, which autocast does not handle).
     """
