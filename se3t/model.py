@@ -54,8 +54,9 @@ class SE3Transformer(nn.Module):
       layers' inputs are recomputed once (a forward without stored activations of all but its last layer) and
       kept until their layer's own recompute. With ``S`` segments of ``k`` layers at most ``S - 1 + k`` layer
       inputs are alive at once instead of one per layer. Measured (paper model, batch 100, 2-core Zen 4, one
-      process): 2 keeps 3 of the 7 attention blocks' inputs (the live peak with the optimizer in backward
-      61.8 -> 51.2 MiB) for ~6 % more step time; 1 keeps every layer's input (no extra forward).
+      process): 2 keeps 3 of the 7 attention blocks' inputs at the peak (live tensors with the optimizer in
+      backward 58.3 -> 47.7 MiB; 3 the same) for 6-9 % more step time; 1 keeps every layer's input (no extra
+      forward).
     * ``reference_parity``: reproduce the reference where se3t chooses differently (see README,
       "Reference parity"): the final conv's self-interaction is then added on every edge before the sum.
 
