@@ -450,7 +450,15 @@ def test_fused_kernel_blockwise_equals_one_hand_off(level, threads, monkeypatch)
         runs.append([*out.values(), *torch.autograd.grad(loss, wrt)])
         calls.append(len(hand_offs))
     assert len(runs[0]) > 6 and all(torch.equal(a, b) for a, b in zip(*runs))
-    assert calls[1] > calls[0] > 0, calls  # one hand-off per kernel pass against one per block
+    assert calls[1] > calls[0] > 0, calls  # in backward, one hand-off per kernel pass against one per block
+    forward_calls = []
+    for blockwise in (False, True):  # forward hands all blocks off at once either way
+        layer.blockwise_kernel = blockwise
+        hand_offs.clear()
+        with torch.no_grad():
+            fn(x, pos, e)
+        forward_calls.append(len(hand_offs))
+    assert forward_calls[0] == forward_calls[1] > 0, forward_calls
     assert ConvSE3(FIBER_IN, Fiber({0: 3}), FIBER_EDGE, low_memory=True).blockwise_kernel
     model = SE3Transformer(num_layers=1, fiber_in=Fiber({0: 3}), fiber_hidden=Fiber({0: 4, 1: 4}),
                            fiber_out=Fiber({0: 2}), num_heads=2, channels_div=2, low_memory=True)

@@ -444,17 +444,13 @@ class _FusedConv(torch.autograd.Function):
             thread. One hand-off for all blocks: each hand-off right after the calling thread's own parallel ops
             finds its OpenMP worker still spinning (GNU OpenMP: several ms), which slows the workers down; and each
             range's inputs serve every block while in cache (measured on a 2-core Xeon, QM9 paper model: ~10 %
-            of the step). ``blockwise`` hands off more often instead: at most the largest block's weights at a
-            time."""
+            of the step). (``blockwise`` applies to backward only: see :func:`fused_conv`.)"""
             _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps], lambda _: None,
                         E, max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
             steps.clear()
 
-        largest = E * max(b.c_out * b.k_in for b in blocks)
         triton = _use_triton(h)
         for j, b in enumerate(blocks):
-            if blockwise and steps and sum(st[3] for st in steps) + E * b.c_out * b.k_in > largest:
-                hand_off()  # blockwise: at most the largest block's weights at a time (small blocks go together)
             if buf is None:
                 out = h.new_empty(E, b.K, b.c_out)
             else:
@@ -471,7 +467,7 @@ class _FusedConv(torch.autograd.Function):
                 group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
                 W_outer = Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out)
             else:
-                group, tile = _tiling(chunk, b, E, h.device, h.dtype, blockwise)
+                group, tile = _tiling(chunk, b, E, h.device, h.dtype)
                 Wj_t = Wj_t.contiguous()  # [H, C_out*K_in]: R's GEMM reads a column slice (measured on Xeon: ~12 %
                 # faster than from the transposed rows)
             # output through a buffer when the GEMM's destination would be strided (a tile of channels, or a view of
@@ -774,15 +770,17 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
     (each ``[K_j, C_out_j]`` row-major) instead of one tensor per block.
     ``weight_map`` (optional, :class:`WeightMap`): the kernel's weights are a linear map of ``W``, made block by
     block in forward and again in backward (never stored between the two; all blocks' exist during a call, one at a
-    time with ``blockwise``); ``W``'s gradient is the adjoint map of theirs.
+    time in a ``blockwise`` backward); ``W``'s gradient is the adjoint map of theirs.
     ``chunk`` (optional): the most edges per group (one build of ``tmp``; default: the device's, see
     :func:`_tiling`).
-    ``blockwise``: run the output-degree blocks one after another over all edges (small ones together), so that at
-    most the largest block's worth of (mapped) weights and weight gradients exists at a time (low-memory runs;
-    instead of all blocks', at the cost of more hand-offs to the worker threads). Default: every edge
-    range goes through all blocks in one hand-off (faster on CPU). The results are the same either way: bitwise
-    for the same tiles, to rounding where the CPU's blockwise tiles are smaller (:data:`BLOCKWISE_BUDGET_DIVISOR`:
-    the input gradient then sums a block's tiles in more steps).
+    ``blockwise``: backward runs the output-degree blocks one after another over all edges (small ones together),
+    so that at most the largest block's worth of (mapped) weights and weight gradients exists at a time (low-memory
+    runs; instead of all blocks', at the cost of more hand-offs to the worker threads). Forward always hands all
+    blocks off at once: its peak is far below backward's (paper model, low_memory: ~33 against ~48 MiB), and
+    blockwise forwards took ~4 % more of a low_memory step (same process, 2-core Zen 4). Default: every edge range
+    goes through all blocks in one hand-off (faster on CPU). The results are the same either way: bitwise for the
+    same tiles, to rounding where the CPU's blockwise tiles are smaller (:data:`BLOCKWISE_BUDGET_DIVISOR`: the input
+    gradient then sums a block's tiles in more steps).
     Under autocast the whole computation runs in the autocast dtype (explicitly: the chunked kernels write into
     preallocated buffers, which autocast does not handle).
     """
