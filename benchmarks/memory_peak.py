@@ -10,8 +10,8 @@ running at that moment, and the tensors alive then, grouped by where they were m
 frames of se3t's own code). Tensors alive before the step (parameters, optimizer state, the batch) are not
 counted. It reads ``torch.profiler.profile._memory_profile()``, a private torch API (written against torch 2.13);
 its peak agrees with the allocation events' (:func:`~benchmarks.runner.live_tensor_peak`, the benchmark's "live
-tensors") to within a few percent (paper model, batch 100, low_memory and the optimizer in backward: 61.8 against
-61.4 MiB; tiny model ~6 %): the timeline follows tensors, the events the allocator's requests.
+tensors") to within a few percent (paper model, batch 100, low_memory and the optimizer in backward: 47.7 against
+47.4 MiB; tiny model ~6 %): the timeline follows tensors, the events the allocator's requests.
 
 ``--per-layer`` also prints where in the step the live tensors peak: the most bytes alive in each stretch of the
 step, in order (forward: while each of the transformer's modules runs; backward: from the start of backward, then
