@@ -56,7 +56,7 @@ CHUNK_VALUES = 1 << 19
 GROUP_EDGES = 128
 #: Blockwise (low-memory) runs on CPU divide the tile budget by this: R's tile buffer is part of their peak (paper
 #: model, batch 100, low_memory with the optimizer in backward: 1.9 of 48.6 MiB), and halving it did not change
-#: the step time measurably (0.99x, same process, 2-core Zen 4).
+#: the step time measurably (1.00x over 16 alternating rounds in one process, 2-core Zen 4).
 BLOCKWISE_BUDGET_DIVISOR = 2
 #: CPU group and tile budget for 2-byte dtypes (bf16/fp16 autocast): four times fp32's values per tile (4 MiB of
 #: bf16 against 2 MiB of fp32) in groups of up to 512 edges. Measured on a 2-core AMD EPYC Zen 4 (AVX-512 with
@@ -566,10 +566,10 @@ class _FusedConv(torch.autograd.Function):
             _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps],
                         lambda partials: [st[4](p) for st, p in zip(steps, partials)], E,
                         max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
-            mapped = [(row, grad_Wj) for *_, row, grad_Wj in steps if grad_Wj is not None]
+            mapped = [(grad_Wj, row) for *_, row, grad_Wj in steps if grad_Wj is not None]
             steps.clear()  # the blocks' weights (held by their range functions) go before the adjoints' temporaries
-            while mapped:
-                weight_map.add_block_adjoint(grad_W, *reversed(mapped.pop(0)))
+            while mapped:  # each block's gradient goes as soon as it is mapped
+                weight_map.add_block_adjoint(grad_W, *mapped.pop(0))
 
         largest = E * max(b.c_out * b.k_in for b in blocks)
         triton = _use_triton(h)
