@@ -423,9 +423,10 @@ def test_fused_kernel_partial_weight_gradients_need_no_zero_fill(level, order, m
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 def test_fused_kernel_blockwise_equals_one_hand_off(level, threads, monkeypatch):
-    """``blockwise`` (one output-degree block at a time, for low memory) runs the same per-block work in the same
-    order per edge as the default single hand-off of all blocks: bitwise the same outputs and gradients, on the
-    calling thread and on worker threads; a low-memory conv or model turns it on."""
+    """``blockwise`` (backward: one output-degree block at a time, for low memory) runs the same per-block work in
+    the same order per edge as the default single hand-off of all blocks: bitwise the same outputs and gradients,
+    on the calling thread and on worker threads (these blocks fit one tile either way; large blocks get smaller
+    blockwise CPU tiles, test_blockwise_kernel_cuts_smaller_cpu_tiles); a low-memory conv or model turns it on."""
     from se3t.nn import fused
     monkeypatch.setattr(fused, "GROUP_EDGES", 2)
     monkeypatch.setattr(fused, "MIN_UNIT_GROUPS", 1)

@@ -16,9 +16,9 @@ class RadialMLP(nn.Module):
     (0, 1, 3, 4, 6 with LayerNorm) so checkpoints map one to one.
 
     ``recompute_hidden`` (set by the model's ``low_memory``): :meth:`hidden_features` keeps only its input for
-    backward and recomputes its activations there (four ``[E, hidden]`` tensors, a few microseconds of compute),
-    so that they do not exist during the fused kernel's backward, which comes first and is where a low-memory
-    step's live tensors peak.
+    backward and recomputes its activations there (three ``[E, hidden]`` tensors besides its output, which the
+    fused kernel keeps anyway; a few microseconds of compute), so that they do not exist during the kernel's
+    backward, which comes first and is where a low-memory step's live tensors peak.
     """
 
     def __init__(self, edge_dim: int, out_features: int, hidden: int = 32, use_layer_norm: bool = False):
