@@ -213,7 +213,8 @@ def markdown(result: dict) -> str:
                      f"{r['median']:.3f} | {r['interval_low']:.3f} - {r['interval_high']:.3f} | "
                      f"{r['min']:.3f} - {r['max']:.3f} | "
                      + ("-" if peak is None else f"{peak / 2 ** 20:.2f} MiB") + " | "
-                     + (f"{1 / e['live_peak_ratio']:.2f}x lower" if e.get("live_peak_ratio") else "-") + " |")
+                     + (f"{1 / e['live_peak_ratio']:.2f}x lower" if e is not result["variants"][0]
+                        and e.get("live_peak_ratio") else "-") + " |")
     return "\n".join(lines) + "\n"
 
 
