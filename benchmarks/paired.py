@@ -11,7 +11,8 @@ apart. Reported per variant: the median step time, the median of the per-round r
 bootstrap interval over the rounds, and the live-tensor peak of one profiled step
 (:func:`benchmarks.runner.live_tensor_peak`, the suite's "live peak") with its ratio to the baseline's.
 
-A variant is a ``+``-joined set of flags (``default``: none of them):
+CPU only (on CUDA the suite's cells time one process each without this noise; the live peak here is a CPU
+measure). A variant is a ``+``-joined set of flags (``default``: none of them):
 
 * ``low``: ``low_memory=True``; ``seg=N``: with ``low``, ``low_memory_segment=N``;
 * ``oib``: AdamW stepped per parameter during backward (:class:`se3t.runtime.StepInBackward`);
