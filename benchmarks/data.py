@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 __all__ = ["qm9_batches", "synthetic_molecule_batches", "point_cloud", "from_padded_batch", "pack_batches",
-           "load_packed_batches"]
+           "load_packed_batches", "add_batch_arguments", "batches_from_args"]
 
 
 def from_padded_batch(batch, y_mean: float = 0.0, y_std: float = 1.0) -> dict:
@@ -162,3 +162,23 @@ def point_cloud(num_points: int, neighbours: float = 16.0, density: float = 0.05
         "y": torch.randn(n, generator=gen), "num_real_graphs": 1, "num_real_nodes": n, "num_real_edges": e,
         "radius": radius, "side": side,
     }
+
+
+def add_batch_arguments(parser, num_batches: Optional[int] = None) -> None:
+    """``--data-file`` and ``--batch-size`` (and ``--num-batches`` when given a default) of the one-model tools
+    (``benchmarks.profile_step``, ``memory_peak``, ``paired``)."""
+    parser.add_argument("--data-file", default=None, help="batches saved by `python -m benchmarks pack-data` "
+                        "(default: synthetic molecule-like batches)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    if num_batches is not None:
+        parser.add_argument("--num-batches", type=int, default=num_batches, help="distinct batches, cycled")
+
+
+def batches_from_args(args, num_batches: int, seed: int = 0) -> Tuple[List[dict], dict]:
+    """``num_batches`` batches as :func:`add_batch_arguments` chose (saved QM9 batches or synthetic molecules) and
+    their description."""
+    if args.data_file:
+        batches, _, info = load_packed_batches(args.data_file, args.batch_size, num_batches)
+    else:
+        batches, _, info = synthetic_molecule_batches(args.batch_size, num_batches, seed=seed)
+    return batches, info

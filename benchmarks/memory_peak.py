@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .cells import _prediction, build_model, model_inputs
-from .data import load_packed_batches, synthetic_molecule_batches
+from .data import add_batch_arguments, batches_from_args
 from .qm9 import PAPER_CONFIG, TINY_CONFIG
 from .runner import cpu_allocations, profiled_events
 
@@ -160,9 +160,7 @@ def layer_peaks(step, modules: Sequence[Tuple[str, torch.nn.Module]]) -> List[Tu
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory_peak", description=__doc__.split("\n")[0])
-    p.add_argument("--data-file", default=None, help="batches written by `python -m benchmarks pack-data` "
-                                                     "(default: synthetic molecules)")
-    p.add_argument("--batch-size", type=int, default=100)
+    add_batch_arguments(p)
     p.add_argument("--level", default="EDGE_FRAME")
     p.add_argument("--model", default="paper", choices=("paper", "tiny"))
     p.add_argument("--low-memory", action="store_true", help="SE3Transformer(low_memory=True)")
@@ -174,10 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
     from se3t.runtime.optim import StepInBackward, build_optimizer
 
-    if args.data_file:
-        batches, _, _ = load_packed_batches(args.data_file, args.batch_size, 2)
-    else:
-        batches, _, _ = synthetic_molecule_batches(args.batch_size, 2)
+    batches, _ = batches_from_args(args, 2)
     config = TINY_CONFIG if args.model == "tiny" else PAPER_CONFIG
     model = build_model("pooled", config, args.level, args.low_memory)
     model.train()

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from se3t.runtime.optim import StepInBackward, build_optimizer
 
 from .cells import _prediction, build_model, model_inputs
-from .data import load_packed_batches, synthetic_molecule_batches
+from .data import add_batch_arguments, batches_from_args
 from .machine import gemm_rate, machine_info, versions
 from .qm9 import PAPER_CONFIG, TINY_CONFIG
 from .runner import live_tensor_peak
@@ -222,10 +222,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.paired", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-file", default=None, help="batches saved by `python -m benchmarks pack-data` (default: "
-                   "synthetic molecule-like batches)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--num-batches", type=int, default=4, help="distinct batches, cycled over the rounds")
+    add_batch_arguments(p, num_batches=4)
     p.add_argument("--variants", default="default,oib,low,low+oib",
                    help="comma-separated variants, the first the baseline (default: default,oib,low,low+oib)")
     p.add_argument("--rounds", type=int, default=10)
@@ -244,10 +241,7 @@ def main(argv=None) -> dict:
         p.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.data_file:
-        batches, _, info = load_packed_batches(args.data_file, args.batch_size, args.num_batches)
-    else:
-        batches, _, info = synthetic_molecule_batches(args.batch_size, args.num_batches, seed=args.seed)
+    batches, info = batches_from_args(args, args.num_batches, seed=args.seed)
     threads = torch.get_num_threads()
     name = args.name or f"cpu-{threads}core-paired"
     result = {"suite": "paired", "name": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -21,7 +21,7 @@ import torch
 import se3t
 
 from .cells import build_model, model_inputs
-from .data import load_packed_batches, synthetic_molecule_batches
+from .data import add_batch_arguments, batches_from_args
 from .machine import precision_context, sync
 from .qm9 import PAPER_CONFIG, TINY_CONFIG
 
@@ -133,9 +133,7 @@ def profile_step(model, batch: dict, precision: str, device: torch.device, mode:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-file", default=None, help="batches saved by `python -m benchmarks pack-data` (default: "
-                   "synthetic molecule-like batches)")
-    p.add_argument("--batch-size", type=int, default=100)
+    add_batch_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16", "fp16"))
     p.add_argument("--level", default="EDGE_FRAME")
@@ -145,10 +143,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.data_file:
-        batches, _, _ = load_packed_batches(args.data_file, args.batch_size, 1)
-    else:
-        batches, _, _ = synthetic_molecule_batches(args.batch_size, 1)
+    batches, _ = batches_from_args(args, 1)
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batches[0].items()}
     config = TINY_CONFIG if args.model == "tiny" else PAPER_CONFIG
     model = build_model("pooled", config, args.level, False).to(device)
