@@ -17,7 +17,8 @@ measure). A variant is a ``+``-joined set of flags (``default``: none of them):
 * ``low``: ``low_memory=True``; ``seg=N``: with ``low``, ``low_memory_segment=N``;
 * ``oib``: AdamW stepped per parameter during backward (:class:`se3t.runtime.StepInBackward`);
 * ``infer``: inference (the forward under ``torch.inference_mode``) instead of a training step (forward, L1 loss,
-  backward and AdamW, as the suite's training cells).
+  backward and AdamW, as the suite's training cells); ``cache``: with ``infer``, inside
+  ``se3t.cached_kernel_weights(model)`` (the kernel weights laid out once, in the warm-up).
 
 The variants share the process's heap: a variant with a small peak reuses memory the others freed, where on its
 own it would fault some pages in afresh (measured for ``low+oib`` at batch 100: ~45 MB of minor faults per step
@@ -26,6 +27,7 @@ on its own, a few tens of ms of a 4 s step).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -39,6 +41,7 @@ from typing import Callable, Dict, List, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+import se3t
 from se3t.runtime.optim import StepInBackward, build_optimizer
 
 from .cells import _prediction, build_model, model_inputs
@@ -61,6 +64,7 @@ class Variant(NamedTuple):
     segment: int = 0            # low_memory_segment; 0: the model's default
     optimizer_in_backward: bool = False
     infer: bool = False
+    cache: bool = False         # infer inside se3t.cached_kernel_weights()
 
 
 def parse_variant(text: str) -> Variant:
@@ -68,7 +72,7 @@ def parse_variant(text: str) -> Variant:
     flags = [f.strip() for f in text.split("+") if f.strip()]
     if not flags:
         raise ValueError(f"empty variant in {text!r}")
-    low = oib = infer = False
+    low = oib = infer = cache = False
     segment = 0
     for flag in flags:
         if flag == "default":
@@ -79,6 +83,8 @@ def parse_variant(text: str) -> Variant:
             oib = True
         elif flag == "infer":
             infer = True
+        elif flag == "cache":
+            cache = True
         elif flag.startswith("seg="):
             try:
                 segment = int(flag[4:])
@@ -87,12 +93,14 @@ def parse_variant(text: str) -> Variant:
             if segment < 1:
                 raise ValueError(f"variant {text!r}: seg= needs a positive integer, got {flag!r}")
         else:
-            raise ValueError(f"variant {text!r}: unknown flag {flag!r} (known: default, low, seg=N, oib, infer)")
+            raise ValueError(f"variant {text!r}: unknown flag {flag!r} (known: default, low, seg=N, oib, infer, cache)")
     if segment and not low:
         raise ValueError(f"variant {text!r}: seg=N applies to low_memory only; add 'low'")
     if infer and (low or oib):
         raise ValueError(f"variant {text!r}: 'infer' runs no backward, so 'low' and 'oib' would change nothing")
-    return Variant(text.strip(), low, segment, oib, infer)
+    if cache and not infer:
+        raise ValueError(f"variant {text!r}: 'cache' applies to inference only; add 'infer'")
+    return Variant(text.strip(), low, segment, oib, infer, cache)
 
 
 def interleaved_times(steps: Sequence[Callable[[int], None]], rounds: int, warmup: int = 1,
@@ -131,12 +139,17 @@ def ratio_summary(times: Sequence[float], base: Sequence[float], level: float = 
 
 
 def _variant_step(variant: Variant, config: dict, level: str, batches: List[dict], inputs: List[dict],
-                  seed: int) -> Callable[[int], None]:
+                  seed: int, stack: contextlib.ExitStack) -> Callable[[int], None]:
+    """One step of ``variant``'s own model and optimizer; contexts the step needs held (``cache``) enter
+    ``stack``."""
     model = build_model("pooled", config, level, variant.low_memory, seed)
     if variant.segment:
         model.transformer.low_memory_segment = variant.segment
     if variant.infer:
         model.eval()
+
+        if variant.cache:  # held for the whole run (the variant's steps are interleaved with the others')
+            stack.enter_context(se3t.cached_kernel_weights(model))
 
         def infer(i: int) -> None:
             with torch.inference_mode():
@@ -165,13 +178,14 @@ def paired(variants: Sequence[Variant], batches: List[dict], *, config: dict = P
     if len(variants) < 2:
         raise ValueError("need at least two variants: the first is the baseline the others are compared with")
     inputs = [model_inputs(b) for b in batches]
-    steps = [_variant_step(v, config, level, batches, inputs, seed) for v in variants]
-    result: dict = {"gemm_before": gemm_rate("fp32", torch.device("cpu"), repeats=3)}
-    load_before = list(os.getloadavg())
-    times = interleaved_times(steps, rounds, warmup)
-    result["gemm_after"] = gemm_rate("fp32", torch.device("cpu"), repeats=3)
-    result["load_average_before"], result["load_average_after"] = load_before, list(os.getloadavg())
-    peaks = [live_tensor_peak(lambda s=s: s(0))["live_peak_bytes"] if live_peak else None for s in steps]
+    with contextlib.ExitStack() as stack:
+        steps = [_variant_step(v, config, level, batches, inputs, seed, stack) for v in variants]
+        result: dict = {"gemm_before": gemm_rate("fp32", torch.device("cpu"), repeats=3)}
+        load_before = list(os.getloadavg())
+        times = interleaved_times(steps, rounds, warmup)
+        result["gemm_after"] = gemm_rate("fp32", torch.device("cpu"), repeats=3)
+        result["load_average_before"], result["load_average_after"] = load_before, list(os.getloadavg())
+        peaks = [live_tensor_peak(lambda s=s: s(0))["live_peak_bytes"] if live_peak else None for s in steps]
     items = sum(int(b["num_real_graphs"]) for b in batches) / len(batches)
     entries = []
     for v, t, peak in zip(variants, times, peaks):

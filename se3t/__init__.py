@@ -7,7 +7,8 @@ from .basis import Basis, get_basis
 from .cuda_graphs import CUDAGraphStep, HostSyncDetector
 from .fiber import Features, Fiber
 from .model import SE3Transformer, SE3TransformerPooled
-from .nn import RADIAL_SHARING, AttentionBlockSE3, ConvSE3, FuseLevel, GraphPooling, LinearSE3, NormSE3
+from .nn import (RADIAL_SHARING, AttentionBlockSE3, ConvSE3, FuseLevel, GraphPooling, LinearSE3, NormSE3,
+                 cached_kernel_weights)
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "GraphPooling",
     "SE3Transformer",
     "SE3TransformerPooled",
+    "cached_kernel_weights",
     "CUDAGraphStep",
     "HostSyncDetector",
     "cuda_graphs",

@@ -488,6 +488,107 @@ def test_fused_kernel_in_inference_mode_on_worker_threads(level, order, monkeypa
         assert torch.equal(out[d], ref[d])
 
 
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_cached_kernel_weights_are_laid_out_once_until_the_weights_change(level, order, monkeypatch):
+    """Inside ``cached_kernel_weights`` a conv lays out its kernel weights once: later no-grad and inference calls
+    reuse them, bitwise equal to laying them out; an in-place change or new storage lays them out afresh; leaving
+    the block frees them."""
+    import copy
+
+    from se3t import cached_kernel_weights
+    from se3t.nn import fused
+    set_kernel_order(monkeypatch, order)
+    made = []
+    block_weights = fused._block_weights
+    monkeypatch.setattr(fused, "_block_weights", lambda *a: made.append(1) or block_weights(*a))
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level).double()
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
+    fn = _conv_fn(layer, ei, 2)
+    with torch.no_grad():
+        ref = fn(x, pos, e)
+    per_call = len(made)
+    assert per_call > 0
+    with cached_kernel_weights():
+        with torch.no_grad():
+            first = fn(x, pos, e)
+        with torch.inference_mode():
+            second = fn(x, pos, e)
+        assert len(made) == 2 * per_call  # the second call laid out nothing
+        assert len(fused._weight_layouts) > 0
+        for d in ref:
+            assert torch.equal(first[d], ref[d]) and torch.equal(second[d], ref[d])
+        # an in-place change (as an optimizer step or load_state_dict makes) bumps the version: laid out afresh
+        fresh = copy.deepcopy(layer)
+        with torch.no_grad():
+            for p, q in zip(layer.parameters(), fresh.parameters()):
+                p.mul_(1.5)
+                q.mul_(1.5)
+            changed, expected = fn(x, pos, e), _conv_fn(fresh, ei, 2)(x, pos, e)
+        for d in ref:
+            assert torch.equal(changed[d], expected[d]) and not torch.equal(changed[d], ref[d])
+        # new storage behind the parameter (param.data = ...): laid out afresh too
+        for p, q in zip(layer.parameters(), fresh.parameters()):
+            p.data = p.data * 0.5
+            q.data = q.data * 0.5
+        with torch.no_grad():
+            changed, expected = fn(x, pos, e), _conv_fn(fresh, ei, 2)(x, pos, e)
+        for d in ref:
+            assert torch.equal(changed[d], expected[d])
+    assert len(fused._weight_layouts) == 0
+
+
+def test_cached_kernel_weights_only_for_the_modules_given():
+    """``cached_kernel_weights(a)`` keeps layouts of ``a``'s convs only; leaving a nested block keeps what an
+    enclosing one covers; leaving the last frees everything."""
+    from se3t import cached_kernel_weights
+    from se3t.nn import fused
+    a, b = (ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, fuse_level=FuseLevel.EDGE_FRAME).double()
+            for _ in range(2))
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
+    kept = lambda m: sum(p in fused._weight_layouts for p in m.parameters())  # noqa: E731
+    with torch.no_grad():
+        with cached_kernel_weights(a):
+            _conv_fn(a, ei, 2)(x, pos, e)
+            _conv_fn(b, ei, 2)(x, pos, e)
+            assert kept(a) == 1 and kept(b) == 0
+            with cached_kernel_weights(b):
+                _conv_fn(b, ei, 2)(x, pos, e)
+                assert kept(a) == 1 and kept(b) == 1
+            assert kept(a) == 1 and kept(b) == 0  # b's went with its block
+            with cached_kernel_weights():        # every conv
+                _conv_fn(b, ei, 2)(x, pos, e)
+                assert kept(b) == 1
+            assert kept(b) == 0
+        assert len(fused._weight_layouts) == 0 and not fused._cache_scopes
+
+
+def test_cached_kernel_weights_leave_training_calls_alone():
+    """A call that needs the weights' gradient neither uses nor keeps layouts: same gradients as outside the
+    block, and the conv's kept layouts are dropped (training holds no extra copy of the weights)."""
+    from se3t import cached_kernel_weights
+    from se3t.nn import fused
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, fuse_level=FuseLevel.EDGE_FRAME).double()
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
+    fn = _conv_fn(layer, ei, 2)
+
+    def grads():
+        layer.zero_grad(set_to_none=True)
+        out = fn(x, pos, e)
+        sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view(v.shape)).sum() for v in out.values()).backward()
+        return [p.grad.clone() for p in layer.parameters()]
+
+    ref = grads()
+    with cached_kernel_weights():
+        with torch.no_grad():
+            fn(x, pos, e)
+        assert len(fused._weight_layouts) == 1
+        inside = grads()
+        assert len(fused._weight_layouts) == 0
+    for a, b in zip(inside, ref):
+        assert torch.equal(a, b)
+
+
 def _fused_layer_in_child(queue) -> None:
     torch.set_num_threads(1)  # as DataLoader workers do: OpenMP itself does not survive a fork
     # The parent's patch (get_num_threads -> 2) is inherited, so that the kernel uses its worker pool here too;

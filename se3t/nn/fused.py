@@ -32,19 +32,21 @@ with plain autograd; tests compare the two in forward and backward, and gradchec
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
            "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES",
            "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD", "BLOCKWISE_BUDGET_DIVISOR",
-           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON"]
+           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON", "cached_kernel_weights"]
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
 #: Measured against 256 Ki on 2-core EPYC, same process, paper model: 0.95-0.96x the step time at 2 threads and
@@ -88,6 +90,13 @@ CHUNK_VALUES_ACCELERATOR = 1 << 26
 #: where the outer order's ``K``-fold GEMM FLOPs would run without tensor cores); ``"always"``: every device and
 #: dtype (tests, on CPU with ``TRITON_INTERPRET=1``).
 TRITON = os.environ.get("SE3T_TRITON", "auto")
+#: Inside :func:`cached_kernel_weights`: each conv's weight parameter -> (what its layouts were made for, the
+#: laid-out weights of each (block, outer order)).
+_weight_layouts = WeakTensorKeyDictionary()
+#: The open :func:`cached_kernel_weights` blocks: None (every parameter) or the parameters of the modules given.
+_cache_scopes: List[Optional[WeakTensorKeyDictionary]] = []
+_cache_lock = threading.Lock()
+
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
 PARALLEL_RANGES = True
 #: ... when a block has at least this many kernel weights over all its edges (below, the hand-off costs more).
@@ -391,6 +400,71 @@ def _block_weights(W: Tensor, rows: Tensor, b: BlockSpec, weight_map: Optional["
     return weight_map.block_weights(W, b.row).to(dtype)
 
 
+@contextlib.contextmanager
+def cached_kernel_weights(*modules: torch.nn.Module) -> Iterator[None]:
+    """Within this block, each conv of ``modules`` (default: every conv) lays out its kernel weights once (mapped by
+    its weight map, cast to the compute dtype, transposed for the GEMMs) and reuses them in later calls that need
+    no gradient for the weights (inference, ``torch.no_grad``, frozen weights); leaving the block frees them.
+
+    Laying them out reads and writes all of a conv's weights several times per call, whatever the batch (paper
+    model, 2-core Zen 4, inference steps interleaved in one process, ``python -m benchmarks.paired --variants
+    infer,infer+cache``: 96 -> 42 ms per call at batch 1, 210 -> 144 ms at batch 10, 3 % less at batch 100).
+    While held they are one more copy of the convs' weights (35 MiB for the paper model).
+
+    Kept layouts are used only while the parameter is the same tensor with the same storage, version counter,
+    dtype and device (and the conv's blocks, row order and weight map): an optimizer step, ``load_state_dict``,
+    an in-place op or ``param.data = ...`` lays them out afresh. Changes through ``param.data`` in place
+    (``p.data.copy_(...)``, older EMA code) do not bump the version counter: do not make them inside the block.
+    Calls that may need the weights' gradient (training steps) neither use nor keep layouts. The PyTorch paths
+    only (Triton kernels lay out theirs per call)::
+
+        with se3t.cached_kernel_weights(model), torch.inference_mode():
+            for frame in trajectory:
+                energy = model(**frame)
+    """
+    scope = None
+    if modules:
+        scope = WeakTensorKeyDictionary()
+        for module in modules:
+            for p in module.parameters():
+                scope[p] = True
+    with _cache_lock:
+        _cache_scopes.append(scope)
+    try:
+        yield
+    finally:
+        with _cache_lock:
+            del _cache_scopes[next(i for i in range(len(_cache_scopes) - 1, -1, -1) if _cache_scopes[i] is scope)]
+            for W in list(_weight_layouts.keys()):
+                if not _in_cache_scope(W):
+                    del _weight_layouts[W]
+
+
+def _in_cache_scope(W: Tensor) -> bool:
+    return any(scope is None or W in scope for scope in _cache_scopes)
+
+
+def _cached_layouts(W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], weight_map: Optional["WeightMap"],
+                    dtype: torch.dtype) -> Optional[Dict[Tuple[int, bool], Tensor]]:
+    """Inside :func:`cached_kernel_weights` (for ``W``): the forward's laid-out block weights of parameter ``W``
+    kept from earlier calls, for this call to read and fill. None (lay them out for this call only) outside it,
+    when the call may need ``W``'s gradient (``W``'s entry is dropped then) or when ``W`` is an inference tensor
+    (no version counter). An entry serves only the ``W`` storage, version, dtype and device, compute dtype,
+    blocks, row order and weight map it was made for."""
+    if not _cache_scopes or not _in_cache_scope(W):
+        return None
+    if torch.is_grad_enabled() and W.requires_grad:
+        _weight_layouts.pop(W, None)
+        return None
+    if W.is_inference():
+        return None
+    key = (W._version, W.data_ptr(), W.dtype, W.device, dtype, tuple(blocks), rows.data_ptr(), id(weight_map))
+    entry = _weight_layouts.get(W)
+    if entry is None or entry[0] != key:
+        entry = _weight_layouts[W] = (key, {})
+    return entry[1]
+
+
 def _triton_forward_step(b: BlockSpec, j: int, dims: List[int], Wj_t: Tensor, h: Tensor, xs, x_index, bases,
                          cast: bool, out: Tensor, E: int):
     """A forward step (as ``_FusedConv.forward`` queues them) of block ``b`` as a Triton kernel: ``tmp`` over a
@@ -424,10 +498,11 @@ class _FusedConv(torch.autograd.Function):
     # for R to stay in cache run the wide GEMMs (measured on 2-core EPYC: 50-70 GFLOP/s with R <= 2 MiB, 27-30
     # with 8 MiB), each tile's weights serving the whole group (see _tiling).
     @staticmethod
-    def forward(ctx, schedule: Tuple[Optional[int], bool], blocks: Tuple[BlockSpec, ...], num_x: int,
+    def forward(ctx, schedule: Tuple[Optional[int], bool, Optional[dict]], blocks: Tuple[BlockSpec, ...], num_x: int,
                 rows: Tensor, x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"],
                 single_output: bool, h: Tensor, W: Tensor, *xs_bts: Tensor):
-        """``schedule``: ``(chunk, blockwise)`` of :func:`fused_conv`."""
+        """``schedule``: ``(chunk, blockwise)`` of :func:`fused_conv` and the laid-out block weights to reuse and
+        fill (:func:`_cached_layouts`; None: lay them out here)."""
         xs = xs_bts[:num_x]
         bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
@@ -436,7 +511,7 @@ class _FusedConv(torch.autograd.Function):
         # one [E, sum_j K_j*C_out_j] tensor with each block's output a strided view, or one tensor per block
         buf = h.new_empty(E, sum(b.K * b.c_out for b in blocks)) if single_output else None
         col = 0
-        chunk, blockwise = schedule
+        chunk, blockwise, layouts = schedule
         steps = []  # blocks not yet run: (range function, buffers, edges per group, kernel weights over all edges)
 
         def hand_off() -> None:
@@ -456,20 +531,30 @@ class _FusedConv(torch.autograd.Function):
             else:
                 out = buf[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out)
                 col += b.K * b.c_out
-            Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
             dims = [xs[p.x].shape[2] for p in b.parts]
             if triton:
+                Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
                 steps.append(_triton_forward_step(b, j, dims, Wj_t, h, xs, x_index, bases, cast, out, E))
                 outs.append(out)
                 continue
             outer = _use_outer(b, H)
-            if outer:  # W' [(k, i), o] = W_j[(o, i), k]; each step of edges is one group
+            Wj_t = W_outer = None
+            layout = None if layouts is None else layouts.get((j, outer))
+            if layout is None:
+                Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
+                # outer: W' [(k, i), o] = W_j[(o, i), k]; else [H, C_out*K_in]: R's GEMM reads a column slice
+                # (measured on Xeon: ~12 % faster than from the transposed rows)
+                layout = (Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out) if outer
+                          else Wj_t.contiguous())
+                if layouts is not None:
+                    layouts[(j, outer)] = layout
+            if outer:  # each step of edges is one group
                 group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
-                W_outer = Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out)
+                W_outer = layout
             else:
                 group, tile = _tiling(chunk, b, E, h.device, h.dtype)
-                Wj_t = Wj_t.contiguous()  # [H, C_out*K_in]: R's GEMM reads a column slice (measured on Xeon: ~12 %
-                # faster than from the transposed rows)
+                Wj_t = layout
+            layout = None
             # output through a buffer when the GEMM's destination would be strided (a tile of channels, or a view of
             # the one output): a GEMM into a strided view goes through a temporary anyway
             staged = single_output or tile < b.c_out
@@ -805,5 +890,6 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
         else:
             args += [t.to(dtype).contiguous() for t in bts]
         chunk = None if chunk is None else max(1, int(chunk))
-        return list(_FusedConv.apply((chunk, bool(blockwise)), tuple(blocks), len(xs), rows, x_index, sh is not None,
-                                     weight_map, single_output, *args))
+        layouts = _cached_layouts(W, rows, blocks, weight_map, dtype)
+        return list(_FusedConv.apply((chunk, bool(blockwise), layouts), tuple(blocks), len(xs), rows, x_index,
+                                     sh is not None, weight_map, single_output, *args))

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..nn.fused import cached_kernel_weights
 from .build import TargetInfo
 from .distributed import DistInfo, all_reduce_sum
 from .precision import PrecisionPolicy
@@ -127,13 +128,14 @@ def evaluate_mae(model, dataset, collate: Callable, *, batch_size: int, policy: 
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     if timer is not None:
         timer.restart()
-    for indices, batch in zip(batches, loader):
-        batch = batch.to(dist.device)
-        err = standardised_abs_error(model, batch, policy, target)
-        if timer is not None:
-            timer.mark(len(indices) * dist.world_size)
-        total[0] += err.double() * target.std
-        total[1] += len(indices)
+    with cached_kernel_weights(model):  # the weights do not change during evaluation: lay them out once
+        for indices, batch in zip(batches, loader):
+            batch = batch.to(dist.device)
+            err = standardised_abs_error(model, batch, policy, target)
+            if timer is not None:
+                timer.mark(len(indices) * dist.world_size)
+            total[0] += err.double() * target.std
+            total[1] += len(indices)
     all_reduce_sum(total)
     model.train(was_training)
     n = int(total[1].item())
@@ -146,8 +148,9 @@ def predict_values(model, dataset, collate: Callable, *, batch_size: int, policy
     """Predictions in the target's unit, one per molecule of ``dataset``, in order (single process)."""
     model.eval()
     out = []
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]).to(device)
-        pred, mask = forward_batch(model, batch, policy)
-        out.append((pred[mask].double() * target.std + target.mean).cpu().numpy())
+    with cached_kernel_weights(model):
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]).to(device)
+            pred, mask = forward_batch(model, batch, policy)
+            out.append((pred[mask].double() * target.std + target.mean).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)

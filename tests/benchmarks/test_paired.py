@@ -13,9 +13,10 @@ def test_parse_variant_reads_flags_and_rejects_what_cannot_run():
     assert parse_variant("low+oib+seg=3") == Variant("low+oib+seg=3", low_memory=True, segment=3,
                                                      optimizer_in_backward=True)
     assert parse_variant(" infer ") == Variant("infer", infer=True)
+    assert parse_variant("infer+cache") == Variant("infer+cache", infer=True, cache=True)
     for bad, words in (("fast", "unknown flag 'fast'"), ("seg=2", "add 'low'"), ("low+seg=0", "positive integer"),
                        ("low+seg=x", "positive integer"), ("infer+low", "'infer' runs no backward"),
-                       ("+", "empty variant")):
+                       ("+", "empty variant"), ("cache", "add 'infer'")):
         with pytest.raises(ValueError, match=words):
             parse_variant(bad)
 
@@ -55,21 +56,25 @@ def test_ratio_summary_takes_per_round_ratios_and_a_seeded_interval():
 
 def test_paired_run_writes_json_and_markdown(tmp_path, capsys):
     result = main(["--model", "tiny", "--batch-size", "3", "--num-batches", "2", "--rounds", "2",
-                   "--variants", "default,low+oib+seg=1,infer", "--out", str(tmp_path), "--name", "t"])
+                   "--variants", "default,low+oib+seg=1,infer,infer+cache", "--out", str(tmp_path), "--name", "t"])
     saved = json.loads((tmp_path / "t.json").read_text())
-    assert [v["name"] for v in saved["variants"]] == ["default", "low+oib+seg=1", "infer"]
-    base, low, infer = saved["variants"]
+    assert [v["name"] for v in saved["variants"]] == ["default", "low+oib+seg=1", "infer", "infer+cache"]
+    base, low, infer, cached = saved["variants"]
     assert base["ratio"]["median"] == 1.0 and base["live_peak_ratio"] == 1.0
     for v in saved["variants"]:
         assert len(v["seconds"]) == 2 and all(t > 0 for t in v["seconds"]) and v["live_peak_bytes"] > 0
         assert v["ratio"]["min"] <= v["ratio"]["median"] <= v["ratio"]["max"]
     # inference keeps no activations for backward: far fewer live bytes than a training step
     assert infer["live_peak_bytes"] < base["live_peak_bytes"]
+    # the kept layouts were made in the warm-up: the profiled step allocates none of them
+    assert cached["live_peak_bytes"] <= infer["live_peak_bytes"] and cached["variant"]["cache"]
+    from se3t.nn import fused
+    assert len(fused._weight_layouts) == 0 and not fused._cache_scopes  # released when the run ended
     assert low["variant"]["segment"] == 1 and low["variant"]["optimizer_in_backward"]
     text = (tmp_path / "t.md").read_text()
     assert text == capsys.readouterr().out.rstrip("\n") + "\n"
-    assert text.count("\n| `") == 3 and "| `low+oib+seg=1` |" in text
-    assert result["variants"][2]["name"] == "infer"
+    assert text.count("\n| `") == 4 and "| `low+oib+seg=1` |" in text
+    assert result["variants"][3]["name"] == "infer+cache"
 
 
 def test_paired_needs_a_baseline_and_another_variant():
