@@ -563,30 +563,97 @@ def test_cached_kernel_weights_only_for_the_modules_given():
         assert len(fused._weight_layouts) == 0 and not fused._cache_scopes
 
 
-def test_cached_kernel_weights_leave_training_calls_alone():
-    """A call that needs the weights' gradient neither uses nor keeps layouts: same gradients as outside the
-    block, and the conv's kept layouts are dropped (training holds no extra copy of the weights)."""
+def test_cached_kernel_weights_serve_forces_and_training_exactly(monkeypatch):
+    """Forces (gradients with respect to positions, the weights unchanged) reuse the kept layouts and equal those
+    made without them bitwise; a training step inside the block gives the same weight gradients, and after the
+    weights' update the next call lays them out afresh."""
+    import copy
+
     from se3t import cached_kernel_weights
     from se3t.nn import fused
+    made = []
+    block_weights = fused._block_weights
+    monkeypatch.setattr(fused, "_block_weights", lambda *a: made.append(1) or block_weights(*a))
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, fuse_level=FuseLevel.EDGE_FRAME).double()
     pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
-    fn = _conv_fn(layer, ei, 2)
 
-    def grads():
+    def loss(m, p):
+        out = _conv_fn(m, ei, 2)(x, p, e)
+        return sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view(v.shape)).sum() for v in out.values())
+
+    def forces(m):
+        p = pos.clone().requires_grad_(True)
+        return torch.autograd.grad(loss(m, p), p)[0]
+
+    def weight_grads(m):
+        m.zero_grad(set_to_none=True)
+        loss(m, pos).backward()
+        return [q.grad.clone() for q in m.parameters()]
+
+    ref_forces, ref_grads = forces(layer), weight_grads(layer)
+    with cached_kernel_weights(layer):
+        made.clear()
+        first = forces(layer)
+        laid_out = len(made)
+        made.clear()
+        second = forces(layer)
+        assert len(made) < laid_out  # the forward's layouts were kept (the backward makes its own)
+        assert torch.equal(first, ref_forces) and torch.equal(second, ref_forces)
+        grads = weight_grads(layer)
+        for a, b in zip(grads, ref_grads):
+            assert torch.equal(a, b)
+        fresh = copy.deepcopy(layer)
+        with torch.no_grad():  # an optimizer's update, in place: bumps the version counters
+            for q, r, g in zip(layer.parameters(), fresh.parameters(), grads):
+                q.sub_(0.1 * g)
+                r.sub_(0.1 * g)
+        assert torch.equal(forces(layer), forces(fresh))
+    assert len(fused._weight_layouts) == 0
+
+
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_fused_backward_skips_the_weight_gradient_autograd_will_not_use(level, order, monkeypatch):
+    """Forces alone (``autograd.grad`` for positions, ``backward(inputs=...)``) make no weight gradient in the fused
+    kernel, and equal those of the kernel that makes it; a full backward, or ``autograd.grad`` asking for the
+    weights, still makes it, and equally."""
+    from se3t.nn import fused
+    set_kernel_order(monkeypatch, order)
+    made = []
+    partial_buffer = fused._partial_buffer
+    monkeypatch.setattr(fused, "_partial_buffer", lambda *a: made.append(1) or partial_buffer(*a))
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level).double()
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
+    x = {d: v.requires_grad_(True) for d, v in x.items()}
+
+    def loss(p):
+        out = _conv_fn(layer, ei, 2)(x, p, e)
+        return sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view(v.shape)).sum() for v in out.values())
+
+    def run(how, skip):
+        monkeypatch.setattr(fused, "SKIP_UNUSED_WEIGHT_GRADIENT", skip)
+        made.clear()
         layer.zero_grad(set_to_none=True)
-        out = fn(x, pos, e)
-        sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view(v.shape)).sum() for v in out.values()).backward()
-        return [p.grad.clone() for p in layer.parameters()]
+        p = pos.clone().requires_grad_(True)
+        weights = list(layer.parameters())
+        if how == "forces":
+            got = list(torch.autograd.grad(loss(p), [p, *x.values()]))
+        elif how == "backward-inputs":
+            loss(p).backward(inputs=[p])
+            got = [p.grad]
+        elif how == "grad-weights":
+            got = list(torch.autograd.grad(loss(p), [p, *weights]))
+        else:
+            loss(p).backward()
+            got = [p.grad] + [w.grad for w in weights]
+        return got, len(made)
 
-    ref = grads()
-    with cached_kernel_weights():
-        with torch.no_grad():
-            fn(x, pos, e)
-        assert len(fused._weight_layouts) == 1
-        inside = grads()
-        assert len(fused._weight_layouts) == 0
-    for a, b in zip(inside, ref):
-        assert torch.equal(a, b)
+    for how in ("forces", "backward-inputs", "grad-weights", "backward"):
+        (got, n_skip), (ref, n_all) = run(how, True), run(how, False)
+        assert n_all > 0
+        assert n_skip == (0 if how in ("forces", "backward-inputs") else n_all)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
 
 
 def _fused_layer_in_child(queue) -> None:

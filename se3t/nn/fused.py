@@ -46,7 +46,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
            "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES",
            "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD", "BLOCKWISE_BUDGET_DIVISOR",
-           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON", "cached_kernel_weights"]
+           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON", "SKIP_UNUSED_WEIGHT_GRADIENT", "cached_kernel_weights"]
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
 #: Measured against 256 Ki on 2-core EPYC, same process, paper model: 0.95-0.96x the step time at 2 threads and
@@ -96,6 +96,13 @@ _weight_layouts = WeakTensorKeyDictionary()
 #: The open :func:`cached_kernel_weights` blocks: None (every parameter) or the parameters of the modules given.
 _cache_scopes: List[Optional[WeakTensorKeyDictionary]] = []
 _cache_lock = threading.Lock()
+
+#: Backward skips the weights' gradient when autograd will not use it, although the weights require grad: forces
+#: by ``torch.autograd.grad(energy, pos)`` or ``backward(inputs=[pos])`` (one GEMM of three per tile in the ``R``
+#: order, one of two in the outer order, and the weight-sized gradient buffers). Asked of autograd's engine
+#: through ``torch._C._will_engine_execute_node`` (private; as torch's FSDP uses it); computed whenever it cannot
+#: tell. ``False``: always computed (the reference behaviour; tests compare).
+SKIP_UNUSED_WEIGHT_GRADIENT = True
 
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
 PARALLEL_RANGES = True
@@ -403,8 +410,9 @@ def _block_weights(W: Tensor, rows: Tensor, b: BlockSpec, weight_map: Optional["
 @contextlib.contextmanager
 def cached_kernel_weights(*modules: torch.nn.Module) -> Iterator[None]:
     """Within this block, each conv of ``modules`` (default: every conv) lays out its kernel weights once (mapped by
-    its weight map, cast to the compute dtype, transposed for the GEMMs) and reuses them in later calls that need
-    no gradient for the weights (inference, ``torch.no_grad``, frozen weights); leaving the block frees them.
+    its weight map, cast to the compute dtype, transposed for the GEMMs) and reuses them in later calls while the
+    weights stay the same: inference, and forces (gradients of the output with respect to positions: the backward
+    makes its own layouts, as always); leaving the block frees them.
 
     Laying them out reads and writes all of a conv's weights several times per call, whatever the batch (paper
     model, 2-core Zen 4, inference steps interleaved in one process, ``python -m benchmarks.paired --variants
@@ -415,8 +423,8 @@ def cached_kernel_weights(*modules: torch.nn.Module) -> Iterator[None]:
     dtype and device (and the conv's blocks, row order and weight map): an optimizer step, ``load_state_dict``,
     an in-place op or ``param.data = ...`` lays them out afresh. Changes through ``param.data`` in place
     (``p.data.copy_(...)``, older EMA code) do not bump the version counter: do not make them inside the block.
-    Calls that may need the weights' gradient (training steps) neither use nor keep layouts. The PyTorch paths
-    only (Triton kernels lay out theirs per call)::
+    Training gains nothing inside the block (each optimizer step makes the next call lay them out afresh) and
+    holds the copy throughout. The PyTorch paths only (Triton kernels lay out theirs per call)::
 
         with se3t.cached_kernel_weights(model), torch.inference_mode():
             for frame in trajectory:
@@ -444,19 +452,27 @@ def _in_cache_scope(W: Tensor) -> bool:
     return any(scope is None or W in scope for scope in _cache_scopes)
 
 
+def _engine_uses(ctx, tensor_input: int) -> bool:
+    """Whether autograd will use this backward's gradient for the ``tensor_input``-th tensor input of the
+    function (counting tensor arguments only, as ``ctx.next_functions`` does). False only when the engine says the
+    input's node will not run; True when it cannot tell (``autograd.grad`` asked for that leaf itself raises)."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    node = ctx.next_functions[tensor_input][0]
+    if will_run is None or node is None:
+        return True
+    try:
+        return bool(will_run(node))
+    except RuntimeError:
+        return True
+
+
 def _cached_layouts(W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], weight_map: Optional["WeightMap"],
                     dtype: torch.dtype) -> Optional[Dict[Tuple[int, bool], Tensor]]:
     """Inside :func:`cached_kernel_weights` (for ``W``): the forward's laid-out block weights of parameter ``W``
-    kept from earlier calls, for this call to read and fill. None (lay them out for this call only) outside it,
-    when the call may need ``W``'s gradient (``W``'s entry is dropped then) or when ``W`` is an inference tensor
-    (no version counter). An entry serves only the ``W`` storage, version, dtype and device, compute dtype,
-    blocks, row order and weight map it was made for."""
-    if not _cache_scopes or not _in_cache_scope(W):
-        return None
-    if torch.is_grad_enabled() and W.requires_grad:
-        _weight_layouts.pop(W, None)
-        return None
-    if W.is_inference():
+    kept from earlier calls, for this call to read and fill. None (lay them out for this call only) outside it or
+    when ``W`` is an inference tensor (no version counter). An entry serves only the ``W`` storage, version, dtype
+    and device, compute dtype, blocks, row order and weight map it was made for (the backward never reads it)."""
+    if not _cache_scopes or not _in_cache_scope(W) or W.is_inference():
         return None
     key = (W._version, W.data_ptr(), W.dtype, W.device, dtype, tuple(blocks), rows.data_ptr(), id(weight_map))
     entry = _weight_layouts.get(W)
@@ -619,6 +635,8 @@ class _FusedConv(torch.autograd.Function):
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
         E, H = h.shape
         need_h, need_W = ctx.needs_input_grad[8], ctx.needs_input_grad[9]
+        if need_W and SKIP_UNUSED_WEIGHT_GRADIENT:  # W is the 3rd tensor input (4th with x_index)
+            need_W = _engine_uses(ctx, 2 + (x_index is not None))
         need_x = ctx.needs_input_grad[10:10 + num_x]
         # with harmonics the "bts" are constant projections (one per block, no gradient; parts index nothing)
         need_bt = ctx.needs_input_grad[10 + num_x:] if not with_sh else ()
