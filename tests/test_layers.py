@@ -488,6 +488,13 @@ def test_fused_kernel_in_inference_mode_on_worker_threads(level, order, monkeypa
         assert torch.equal(out[d], ref[d])
 
 
+def _counted_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that each call appends to the returned list (clear it to count afresh)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 def test_cached_kernel_weights_are_laid_out_once_until_the_weights_change(level, order, monkeypatch):
@@ -499,9 +506,7 @@ def test_cached_kernel_weights_are_laid_out_once_until_the_weights_change(level,
     from se3t import cached_kernel_weights
     from se3t.nn import fused
     set_kernel_order(monkeypatch, order)
-    made = []
-    block_weights = fused._block_weights
-    monkeypatch.setattr(fused, "_block_weights", lambda *a: made.append(1) or block_weights(*a))
+    made = _counted_calls(monkeypatch, fused, "_block_weights")
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level).double()
     pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
     fn = _conv_fn(layer, ei, 2)
@@ -571,9 +576,7 @@ def test_cached_kernel_weights_serve_forces_and_training_exactly(monkeypatch):
 
     from se3t import cached_kernel_weights
     from se3t.nn import fused
-    made = []
-    block_weights = fused._block_weights
-    monkeypatch.setattr(fused, "_block_weights", lambda *a: made.append(1) or block_weights(*a))
+    made = _counted_calls(monkeypatch, fused, "_block_weights")
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, fuse_level=FuseLevel.EDGE_FRAME).double()
     pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
 
@@ -619,9 +622,7 @@ def test_fused_backward_skips_the_weight_gradient_autograd_will_not_use(level, o
     weights, still makes it, and equally."""
     from se3t.nn import fused
     set_kernel_order(monkeypatch, order)
-    made = []
-    partial_buffer = fused._partial_buffer
-    monkeypatch.setattr(fused, "_partial_buffer", lambda *a: made.append(1) or partial_buffer(*a))
+    made = _counted_calls(monkeypatch, fused, "_partial_buffer")
     layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level).double()
     pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
     x = {d: v.requires_grad_(True) for d, v in x.items()}
