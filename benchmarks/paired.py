@@ -17,8 +17,13 @@ measure). A variant is a ``+``-joined set of flags (``default``: none of them):
 * ``low``: ``low_memory=True``; ``seg=N``: with ``low``, ``low_memory_segment=N``;
 * ``oib``: AdamW stepped per parameter during backward (:class:`se3t.runtime.StepInBackward`);
 * ``infer``: inference (the forward under ``torch.inference_mode``) instead of a training step (forward, L1 loss,
-  backward and AdamW, as the suite's training cells); ``cache``: with ``infer``, inside
-  ``se3t.cached_kernel_weights(model)`` (the kernel weights laid out once, in the warm-up).
+  backward and AdamW, as the suite's training cells);
+* ``forces``: the model's output summed as an energy and its gradient with respect to the positions
+  (``torch.autograd.grad``; the weights require grad, as they do in a trained model); ``wgrad``: with ``forces``,
+  the fused kernel makes the weights' gradient anyway (``se3t.nn.fused.SKIP_UNUSED_WEIGHT_GRADIENT`` off, the
+  reference);
+* ``cache``: with ``infer`` or ``forces``, inside ``se3t.cached_kernel_weights(model)`` (the kernel weights laid
+  out once, in the warm-up).
 
 The variants share the process's heap: a variant with a small peak reuses memory the others freed, where on its
 own it would fault some pages in afresh (measured for ``low+oib`` at batch 100: ~45 MB of minor faults per step
@@ -42,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import se3t
+from se3t.nn import fused
 from se3t.runtime.optim import StepInBackward, build_optimizer
 
 from .cells import _prediction, build_model, model_inputs
@@ -64,7 +70,14 @@ class Variant(NamedTuple):
     segment: int = 0            # low_memory_segment; 0: the model's default
     optimizer_in_backward: bool = False
     infer: bool = False
-    cache: bool = False         # infer inside se3t.cached_kernel_weights()
+    cache: bool = False         # infer or forces inside se3t.cached_kernel_weights(model)
+    forces: bool = False        # energy + forces (autograd.grad for the positions)
+    weight_gradient: bool = False  # forces with the fused kernel's weight gradient made anyway (the reference)
+
+
+#: flag -> Variant field, for the flags that switch a field on
+_SWITCHES = {"low": "low_memory", "oib": "optimizer_in_backward", "infer": "infer", "cache": "cache",
+             "forces": "forces", "wgrad": "weight_gradient"}
 
 
 def parse_variant(text: str) -> Variant:
@@ -72,35 +85,33 @@ def parse_variant(text: str) -> Variant:
     flags = [f.strip() for f in text.split("+") if f.strip()]
     if not flags:
         raise ValueError(f"empty variant in {text!r}")
-    low = oib = infer = cache = False
-    segment = 0
+    fields: Dict[str, object] = {}
     for flag in flags:
-        if flag == "default":
-            continue
-        if flag == "low":
-            low = True
-        elif flag == "oib":
-            oib = True
-        elif flag == "infer":
-            infer = True
-        elif flag == "cache":
-            cache = True
+        if flag in _SWITCHES:
+            fields[_SWITCHES[flag]] = True
         elif flag.startswith("seg="):
             try:
-                segment = int(flag[4:])
+                fields["segment"] = int(flag[4:])
             except ValueError:
-                raise ValueError(f"variant {text!r}: seg= needs a positive integer, got {flag!r}") from None
-            if segment < 1:
+                fields["segment"] = 0
+            if fields["segment"] < 1:
                 raise ValueError(f"variant {text!r}: seg= needs a positive integer, got {flag!r}")
-        else:
-            raise ValueError(f"variant {text!r}: unknown flag {flag!r} (known: default, low, seg=N, oib, infer, cache)")
-    if segment and not low:
+        elif flag != "default":
+            raise ValueError(f"variant {text!r}: unknown flag {flag!r} (known: default, {', '.join(_SWITCHES)}, "
+                             "seg=N)")
+    v = Variant(text.strip(), **fields)
+    if v.segment and not v.low_memory:
         raise ValueError(f"variant {text!r}: seg=N applies to low_memory only; add 'low'")
-    if infer and (low or oib):
-        raise ValueError(f"variant {text!r}: 'infer' runs no backward, so 'low' and 'oib' would change nothing")
-    if cache and not infer:
-        raise ValueError(f"variant {text!r}: 'cache' applies to inference only; add 'infer'")
-    return Variant(text.strip(), low, segment, oib, infer, cache)
+    if v.infer and v.forces:
+        raise ValueError(f"variant {text!r}: 'infer' and 'forces' are two different steps; choose one")
+    if (v.infer or v.forces) and (v.low_memory or v.optimizer_in_backward):
+        raise ValueError(f"variant {text!r}: 'infer' and 'forces' run the model in eval mode with no optimizer, so "
+                         "'low' and 'oib' would change nothing")
+    if v.cache and not (v.infer or v.forces):
+        raise ValueError(f"variant {text!r}: 'cache' applies to 'infer' and 'forces' only")
+    if v.weight_gradient and not v.forces:
+        raise ValueError(f"variant {text!r}: 'wgrad' applies to 'forces' only")
+    return v
 
 
 def interleaved_times(steps: Sequence[Callable[[int], None]], rounds: int, warmup: int = 1,
@@ -145,16 +156,24 @@ def _variant_step(variant: Variant, config: dict, level: str, batches: List[dict
     model = build_model("pooled", config, level, variant.low_memory, seed)
     if variant.segment:
         model.transformer.low_memory_segment = variant.segment
-    if variant.infer:
+    if variant.infer or variant.forces:
         model.eval()
-
         if variant.cache:  # held for the whole run (the variant's steps are interleaved with the others')
             stack.enter_context(se3t.cached_kernel_weights(model))
 
         def infer(i: int) -> None:
             with torch.inference_mode():
                 model(**inputs[i % len(inputs)])
-        return infer
+
+        def forces(i: int) -> None:
+            skip, fused.SKIP_UNUSED_WEIGHT_GRADIENT = fused.SKIP_UNUSED_WEIGHT_GRADIENT, not variant.weight_gradient
+            try:
+                pos = inputs[i % len(inputs)]["pos"].clone().requires_grad_(True)
+                energy = model(**dict(inputs[i % len(inputs)], pos=pos)).sum()
+                torch.autograd.grad(energy, pos)
+            finally:
+                fused.SKIP_UNUSED_WEIGHT_GRADIENT = skip
+        return infer if variant.infer else forces
     model.train()
     opt = build_optimizer("adam", model.parameters(), lr=2e-3, weight_decay=0.1, momentum=0.9)
     in_backward = StepInBackward(opt) if variant.optimizer_in_backward else None
