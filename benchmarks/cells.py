@@ -32,7 +32,7 @@ from .flops import model_flops
 from .machine import gemm_rate, precision_context, sync
 from .runner import PeakMemory, latency_stats, live_tensor_peak, time_steps
 
-__all__ = ["build_model", "se3t_cell", "model_inputs", "shape_key"]
+__all__ = ["build_model", "train_optimizer", "se3t_cell", "model_inputs", "shape_key"]
 
 
 def build_model(kind: str, config: dict, fuse_level: str, low_memory: bool, seed: int = 0) -> torch.nn.Module:
@@ -45,6 +45,12 @@ def build_model(kind: str, config: dict, fuse_level: str, low_memory: bool, seed
     if kind == "nodes":
         return se3t.SE3Transformer(**cfg, return_type=0, fuse_level=fuse_level, low_memory=low_memory)
     raise ValueError(f"unknown model kind {kind!r}")
+
+
+def train_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The benchmarks' training optimizer: the trainer's AdamW (its fused kernel where it runs), lr 2e-3, weight
+    decay 0.1, betas (0.9, 0.999)."""
+    return build_optimizer("adam", model.parameters(), lr=2e-3, weight_decay=0.1, momentum=0.9)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -254,8 +260,7 @@ def se3t_cell(*, kind: str, config: dict, batches: List[dict], eq_batch: Optiona
         training = mode == "train"
         if training:
             model.train()
-            # the trainer's AdamW (its fused kernel where it runs), betas (0.9, 0.999)
-            opt = build_optimizer("adam", model.parameters(), lr=2e-3, weight_decay=0.1, momentum=0.9)
+            opt = train_optimizer(model)
             scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
             in_backward = StepInBackward(opt) if optimizer_in_backward else None
 

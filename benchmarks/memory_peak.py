@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .cells import _prediction, build_model, model_inputs
+from .cells import _prediction, build_model, model_inputs, train_optimizer
 from .data import add_batch_arguments, batches_from_args
 from .qm9 import PAPER_CONFIG, TINY_CONFIG
 from .runner import cpu_allocations, profiled_events
@@ -170,13 +170,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--per-layer", action="store_true", help="also print the peak of each stretch of the step "
                    "(each module's forward; backward from each recompute)")
     args = p.parse_args(argv)
-    from se3t.runtime.optim import StepInBackward, build_optimizer
+    from se3t.runtime.optim import StepInBackward
 
     batches, _ = batches_from_args(args, 2)
     config = TINY_CONFIG if args.model == "tiny" else PAPER_CONFIG
     model = build_model("pooled", config, args.level, args.low_memory)
     model.train()
-    opt = build_optimizer("adam", model.parameters(), lr=2e-3, weight_decay=0.1, momentum=0.9)
+    opt = train_optimizer(model)
     in_backward = StepInBackward(opt) if args.optimizer_in_backward else None
     inputs = [model_inputs(b) for b in batches]
 

@@ -48,9 +48,9 @@ import torch.nn.functional as F
 
 import se3t
 from se3t.nn import fused
-from se3t.runtime.optim import StepInBackward, build_optimizer
+from se3t.runtime.optim import StepInBackward
 
-from .cells import _prediction, build_model, model_inputs
+from .cells import _prediction, build_model, model_inputs, train_optimizer
 from .data import add_batch_arguments, batches_from_args
 from .machine import gemm_rate, machine_info, versions
 from .qm9 import PAPER_CONFIG, TINY_CONFIG
@@ -175,7 +175,7 @@ def _variant_step(variant: Variant, config: dict, level: str, batches: List[dict
                 fused.SKIP_UNUSED_WEIGHT_GRADIENT = skip
         return infer if variant.infer else forces
     model.train()
-    opt = build_optimizer("adam", model.parameters(), lr=2e-3, weight_decay=0.1, momentum=0.9)
+    opt = train_optimizer(model)
     in_backward = StepInBackward(opt) if variant.optimizer_in_backward else None
 
     def train(i: int) -> None:

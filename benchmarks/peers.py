@@ -35,8 +35,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from se3t.runtime.optim import build_optimizer
-
+from .cells import train_optimizer
 from .machine import precision_context, sync
 from .runner import PeakMemory, latency_stats, time_steps
 from .suite import Cell, default_fuse_level
@@ -138,8 +137,7 @@ def lucidrains_cell(*, batches: List[dict], depth: int, mode: str, precision: st
     ys = [d["y"].to(dev) for d in dense]
     if mode == "train":
         model.train()
-        # the trainer's AdamW (its fused kernel where it runs), betas (0.9, 0.999)
-        opt = build_optimizer("adam", model.parameters(), lr=2e-3, weight_decay=0.1, momentum=0.9)
+        opt = train_optimizer(model)
 
         def step(i: int) -> None:
             opt.zero_grad(set_to_none=True)

@@ -70,7 +70,7 @@ def test_paired_run_writes_json_and_markdown(tmp_path, capsys):
         assert v["ratio"]["min"] <= v["ratio"]["median"] <= v["ratio"]["max"]
     # inference keeps no activations for backward: far fewer live bytes than a training step
     assert infer["live_peak_bytes"] < base["live_peak_bytes"]
-    # the kept layouts were made in the warm-up: the profiled step allocates none of them
+    # the kept layouts were made in the warm-up, before the profiled step: it cannot peak higher
     assert cached["live_peak_bytes"] <= infer["live_peak_bytes"] and cached["variant"]["cache"]
     from se3t.nn import fused
     assert len(fused._weight_layouts) == 0 and not fused._cache_scopes  # released when the run ended
