@@ -243,6 +243,35 @@ def test_forces_gradcheck_and_equivariant_gradient():
     assert torch.allclose(f1, f0 @ R.T, atol=1e-10)
 
 
+@pytest.mark.parametrize("fuse_level, low_memory", [("PARTIAL", False), ("FULL", False), ("EDGE_FRAME", False),
+                                                    ("EDGE_FRAME", True)])
+def test_force_training_matches_the_unfused_model(fuse_level, low_memory):
+    """A loss on forces (``autograd.grad(energy, pos, create_graph=True)``, then ``backward``): the fused kernel's
+    backward is differentiated through its reference, so forces and parameter gradients equal the unfused path's
+    (NONE: plain autograd), low-memory checkpoints included; the parameters that train in the unfused model (all
+    but the last layer's self-interaction of degrees > 0: the output is invariant) train here too."""
+    x, ei, pos, e, gi = make_inputs(num_nodes=10, num_graphs=2)
+    ref = make_model(fuse_level="NONE", num_layers=2, return_type=0)
+    results = []
+    for level, low in (("NONE", False), (fuse_level, low_memory)):
+        model = make_model(fuse_level=level, num_layers=2, return_type=0, low_memory=low)
+        model.load_state_dict(ref.state_dict())
+        p = pos.clone().requires_grad_(True)
+        energy = model(x, ei, p, e).sum()
+        forces, = torch.autograd.grad(energy, p, create_graph=True)
+        (forces.pow(2).sum() + energy).backward()
+        results.append((forces.detach(), [(n, q.grad) for n, q in model.named_parameters()]))
+    (f0, g0), (f1, g1) = results
+    assert f0.abs().max() > 0 and torch.allclose(f0, f1, atol=1e-12, rtol=0)
+    assert sum(a is None for _, a in g0) <= 2
+    for (name, a), (_, b) in zip(g0, g1):
+        if a is None:
+            assert b is None, name
+            continue
+        assert b is not None and b.abs().sum() > 0, f"{name} received no gradient"
+        assert torch.allclose(a, b, atol=1e-10, rtol=0), name
+
+
 def test_precomputed_basis_reused_under_no_grad_keeps_force_gradients():
     """A basis that requires gradients, first used under no_grad (validation), must still carry them later."""
     model = SE3TransformerPooled(Fiber({0: 2}), Fiber({0: 4}), Fiber({}), num_degrees=2, num_channels=4,

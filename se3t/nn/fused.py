@@ -28,7 +28,9 @@ group, ``out = (h ⊗ tmp) @ W'`` with the block's weights reordered to ``W' [H*
 ``grad W' = (h ⊗ tmp)^T @ g`` and ``grad (h ⊗ tmp) = g @ W'^T`` (see :data:`ONE_ROW_OUTER`).
 
 The reference path (:class:`se3t.nn.conv.ConvSE3` at ``FuseLevel.PARTIAL``/``NONE``) computes the same function
-with plain autograd; tests compare the two in forward and backward, and gradcheck this kernel.
+with plain autograd; tests compare the two in forward and backward, and gradcheck this kernel. A backward with
+``create_graph`` (training on forces) returns the gradients of a plain-autograd form of the same function
+(:func:`_reference_outputs`), so second derivatives exist, at the unfused path's memory.
 """
 from __future__ import annotations
 
@@ -508,6 +510,54 @@ def _triton_forward_step(b: BlockSpec, j: int, dims: List[int], Wj_t: Tensor, h:
     return run, buffers, group, E * b.c_out * b.k_in
 
 
+def _reference_outputs(blocks: Sequence[BlockSpec], rows: Tensor, x_index: Optional[Tensor],
+                       weight_map: Optional["WeightMap"], single_output: bool, h: Tensor, W: Tensor,
+                       xs: Sequence[Tensor], bases: _Bases) -> List[Tensor]:
+    """The kernel's outputs made with plain differentiable ops over all edges at once (``R`` and ``tmp`` of every
+    block materialised): the function :class:`_FusedConv` computes, for its double backward (``create_graph``:
+    force training), where the chunked kernels' ``out=`` buffers cannot be differentiated."""
+    E, H = h.shape
+    outs = []
+    for j, b in enumerate(blocks):
+        dims = [xs[p.x].shape[2] for p in b.parts]
+        if bases.sh is None:
+            bts = [bases.bts[p.bt] for p in b.parts]
+        else:  # the block's bases from the harmonics, as _Bases.group makes them per group
+            M = bases.bts[j]
+            g = (bases.sh[:, :M.shape[0]] @ M).to(h.dtype)
+            widths = [b.K * p.F * L for p, L in zip(b.parts, dims)]
+            bts = [part.reshape(E, b.K * p.F, L) for part, p, L in zip(g.split(widths, dim=1), b.parts, dims)]
+        parts = sorted(zip(b.parts, bts), key=lambda pair: pair[0].col)
+        tmp = torch.cat([torch.bmm(bt, (xs[p.x] if x_index is None else xs[p.x].index_select(0, x_index))
+                                   .transpose(1, 2)).reshape(E, b.K, p.F * p.C) for p, bt in parts], dim=2)
+        R = (h @ _block_weights(W, rows, b, weight_map, h.dtype).t()).view(E, b.c_out, b.k_in)
+        outs.append(torch.bmm(tmp, R.transpose(1, 2)))  # [E, K, C_out]
+    if single_output:
+        return [torch.cat([o.reshape(E, -1) for o in outs], dim=1)]
+    return outs
+
+
+def _differentiable_backward(ctx, grad_outs: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tensor], ...]:
+    """Backward with ``create_graph``: the gradients of :func:`_reference_outputs`, themselves differentiable
+    (memory as the unfused path's: ``R`` of every edge is kept for the second backward)."""
+    rows, x_index, *inputs = ctx.saved_tensors
+    need = ctx.needs_input_grad[8:]
+    with torch.enable_grad():
+        # Fresh aliases: one input may depend on another (a layer's features on the harmonics that also make its
+        # bases), and autograd.grad for the originals would add that path too (counted again by the outer backward).
+        inputs = [t.view_as(t) if n else t for t, n in zip(inputs, need)]
+        wanted = [t for t, n in zip(inputs, need) if n]
+        h, W, *xs_bts = inputs
+        num_x = ctx.num_x
+        bases = (_Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if ctx.with_sh else _Bases(xs_bts[num_x:], None))
+        outs = _reference_outputs(ctx.blocks, rows, x_index, ctx.weight_map, ctx.single_output, h, W,
+                                  xs_bts[:num_x], bases)
+        pairs = [(o, g) for o, g in zip(outs, grad_outs) if g is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                         create_graph=True, allow_unused=True))
+    return (None,) * 8 + tuple(next(grads) if n else None for n in need)
+
+
 class _FusedConv(torch.autograd.Function):
     # Per edge range, a "group" of edges shares one build of tmp (and, in backward, of the gradient of tmp and its
     # per-part scatter to grad_x), amortising those small ops; within it, tiles of output channels small enough
@@ -627,6 +677,8 @@ class _FusedConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):
+        if torch.is_grad_enabled():  # create_graph (e.g. a loss on forces): gradients that can be differentiated
+            return _differentiable_backward(ctx, grad_outs)
         rows, x_index, h, W_param, *xs_bts = ctx.saved_tensors
         chunk, blockwise, blocks, num_x, with_sh = ctx.chunk, ctx.blockwise, ctx.blocks, ctx.num_x, ctx.with_sh
         weight_map = ctx.weight_map
