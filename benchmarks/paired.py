@@ -23,7 +23,8 @@ measure). A variant is a ``+``-joined set of flags (``default``: none of them):
   the fused kernel makes the weights' gradient anyway (``se3t.nn.fused.SKIP_UNUSED_WEIGHT_GRADIENT`` off, the
   reference);
 * ``cache``: with ``infer`` or ``forces``, inside ``se3t.cached_kernel_weights(model)`` (the kernel weights laid
-  out once, in the warm-up).
+  out once, in the warm-up);
+* ``level=NAME``: this variant's fusion level (``FULL``, ``EDGE_FRAME``, ...) instead of ``--level``'s.
 
 The variants share the process's heap: a variant with a small peak reuses memory the others freed, where on its
 own it would fault some pages in afresh (measured for ``low+oib`` at batch 100: ~45 MB of minor faults per step
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import se3t
+from se3t import FuseLevel
 from se3t.nn import fused
 from se3t.runtime.optim import StepInBackward
 
@@ -73,6 +75,7 @@ class Variant(NamedTuple):
     cache: bool = False         # infer or forces inside se3t.cached_kernel_weights(model)
     forces: bool = False        # energy + forces (autograd.grad for the positions)
     weight_gradient: bool = False  # forces with the fused kernel's weight gradient made anyway (the reference)
+    level: str = ""             # fusion level; "": the run's
 
 
 #: flag -> Variant field, for the flags that switch a field on
@@ -96,9 +99,15 @@ def parse_variant(text: str) -> Variant:
                 fields["segment"] = 0
             if fields["segment"] < 1:
                 raise ValueError(f"variant {text!r}: seg= needs a positive integer, got {flag!r}")
+        elif flag.startswith("level="):
+            try:
+                fields["level"] = FuseLevel.coerce(flag[6:]).name
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"variant {text!r}: {flag!r} names no fusion level (known: "
+                                 f"{', '.join(lv.name for lv in FuseLevel)})") from e
         elif flag != "default":
             raise ValueError(f"variant {text!r}: unknown flag {flag!r} (known: default, {', '.join(_SWITCHES)}, "
-                             "seg=N)")
+                             "seg=N, level=NAME)")
     v = Variant(text.strip(), **fields)
     if v.segment and not v.low_memory:
         raise ValueError(f"variant {text!r}: seg=N applies to low_memory only; add 'low'")
@@ -153,7 +162,7 @@ def _variant_step(variant: Variant, config: dict, level: str, batches: List[dict
                   seed: int, stack: contextlib.ExitStack) -> Callable[[int], None]:
     """One step of ``variant``'s own model and optimizer; contexts the step needs held (``cache``) enter
     ``stack``."""
-    model = build_model("pooled", config, level, variant.low_memory, seed)
+    model = build_model("pooled", config, variant.level or level, variant.low_memory, seed)
     if variant.segment:
         model.transformer.low_memory_segment = variant.segment
     if variant.infer or variant.forces:
@@ -231,7 +240,8 @@ def markdown(result: dict) -> str:
              f"- Created {result['created']} by `{result['command']}`",
              f"- Dense fp32 GEMM (n=2048): {gb['flops_per_s'] / 1e9:.1f} GFLOP/s before, "
              f"{ga['flops_per_s'] / 1e9:.1f} after",
-             f"- Model {s['model']}, level {s['level']}, batch {s['batch_size']} ({s['data']}), "
+             f"- Model {s['model']}, level {s['level']} (where a variant names none), batch {s['batch_size']} "
+             f"({s['data']}), "
              f"{s['rounds']} rounds after {s['warmup']} warm-up",
              "",
              "Each round runs one step of every variant, alternating the order; ratio: the median over rounds of the "

@@ -178,7 +178,8 @@ class Basis(Mapping):
         self._degrees = tuple(sorted(self._blocks))
         self._offsets, self._widths = _layout(max_degree)
         self._kernel_major: Dict[Pair, Tensor] = {}
-        self._frames: Optional[Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]] = None
+        # frames and frame rows, made on first use: constants (False) and, for forces, with gradients (True)
+        self._frames: Dict[bool, Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]] = {}
         self._from_edge_vectors = False  # harmonics made by get_basis (see se3t.edge_frame.edge_frames)
         for d_in, block in self._blocks.items():
             expected = (degree_to_dim(d_in), self._widths[d_in])
@@ -277,8 +278,9 @@ class Basis(Mapping):
 
     def edge_frames(self) -> Optional[EdgeFrames]:
         """The edges' frame rotations (:func:`se3t.edge_frame.edge_frames`), or ``None`` when this basis holds no
-        harmonics or they have no frame (zero-length edges). Constants without gradient, made once and kept (as
-        normal tensors even under ``inference_mode``, so the same basis serves inference and training)."""
+        harmonics or they have no frame (zero-length edges). Made once and kept (as normal tensors even under
+        ``inference_mode``, so the same basis serves inference and training): constants, or, while the harmonics
+        require gradients and grad mode is on, frames that carry them (forces; made then, kept beside)."""
         return self._edge_frame_state()[0]
 
     def frame_rows(self, d_in: int, m: int) -> Tensor:
@@ -296,13 +298,16 @@ class Basis(Mapping):
 
     @torch.compiler.disable  # constants of the edge set (one host sync): a graph break, not a traced recompute
     def _edge_frame_state(self) -> Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]:
-        if self._frames is not None:
-            return self._frames
         sh = self._harmonics
-        with torch.inference_mode(False):  # normal tensors (no gradient): usable under either mode later
-            frames = None if sh is None else edge_frames(sh, self.max_degree, self._from_edge_vectors)
-        self._frames = (frames, {})  # rows are made on first use (frame_rows)
-        return self._frames
+        with_grad = sh is not None and sh.requires_grad and torch.is_grad_enabled()
+        # without grad mode, frames made with gradients serve as well (the same values)
+        state = self._frames.get(with_grad) or (None if with_grad else self._frames.get(True))
+        if state is None:
+            # normal tensors, usable under either mode later (leaving inference mode turns grad mode on: set again)
+            with torch.inference_mode(False), torch.set_grad_enabled(with_grad):
+                frames = None if sh is None else edge_frames(sh, self.max_degree, self._from_edge_vectors)
+            state = self._frames[with_grad] = (frames, {})  # rows are made on first use (frame_rows)
+        return state
 
     # Construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -359,11 +364,12 @@ class Basis(Mapping):
             out._from_edge_vectors = self._from_edge_vectors
         else:
             out = Basis({d: b.index_select(0, edges) for d, b in self._blocks.items()}, self.max_degree)
-        if self._frames is not None:
-            frames, rows = self._frames
+        for with_grad, (frames, rows) in self._frames.items():
             if frames is not None:
                 frames = frames.index_select(edges)
-            out._frames = (frames, {key: r.index_select(0, edges) for key, r in rows.items()})
+            # selected without grad mode, frames with gradients are constants (and kept as such)
+            out._frames[with_grad and torch.is_grad_enabled()] = (
+                frames, {key: r.index_select(0, edges) for key, r in rows.items()})
         return out
 
     def to(self, *args, **kwargs) -> "Basis":

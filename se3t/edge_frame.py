@@ -15,8 +15,13 @@ the contraction costs about a third of the basis path's and the bases are replac
 Frames need the edge directions; they are read from the harmonics a :class:`~se3t.basis.Basis` holds
 (``Y_1 ∝ r̂``), with each edge's harmonics scale (0 on padding edges). Harmonics that are not a scaled
 ``Y(r̂)`` (zero-length edges: ``Y_0`` only) have no frame: :func:`edge_frames` returns ``None`` and the
-convolution uses the basis path. Frames are constants: gradients with respect to positions (forces) go
-through the basis path too.
+convolution uses the basis path.
+
+Gradients with respect to positions (forces) flow through the frames when the harmonics require them: a frame
+is defined up to a turn about the polar axis (the gauge), and the messages do not depend on it, so a change
+``dr̂ = ω × r̂`` of the direction acts on the frames as the rotation ``ω``, ``dF_l = (ω · X_l) F_l`` (``X_l``: e3nn's
+generators), whose torque ``g_k = Σ_l <G_l F_l^T, X_lk>`` gives the direction's gradient ``g × r̂``: no derivative
+of the angles, which has none on the polar axis (:class:`_FrameRotations`).
 """
 from __future__ import annotations
 
@@ -118,6 +123,30 @@ def _rotation_terms_like(l: int, axis: int, like: Tensor) -> Tensor:
     return _rotation_terms_on[key]
 
 
+@functools.lru_cache(maxsize=None)
+def _generators(l: int) -> Tensor:
+    """``[3, 2l+1, 2l+1]`` (float64): e3nn's generators of degree ``l`` about x, y, z: ``D_l(exp(t K_k)) =
+    exp(t X_lk)`` for the rotation ``exp(t K_k)`` about axis ``k`` (``K_k v = e_k × v``)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # e3nn builds its generators in the default dtype
+    try:
+        return o3.so3_generators(l).clone()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+_generators_on: Dict[Tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _generators_like(l: int, like: Tensor) -> Tensor:
+    """:func:`_generators` flattened to ``[(2l+1)**2, 3]``, in ``like``'s dtype and device (copied there once)."""
+    key = (l, like.dtype, like.device)
+    if key not in _generators_on:
+        with torch.inference_mode(False):
+            _generators_on[key] = _generators(l).reshape(3, -1).t().contiguous().to(like.device, like.dtype)
+    return _generators_on[key]
+
+
 def _wigner(l: int, alpha: Tensor, beta: Tensor) -> Tensor:
     """e3nn's ``wigner_D(l, alpha, beta, 0)`` (``[E, 2l+1, 2l+1]``, in the angles' dtype) without its matrix
     exponentials."""
@@ -127,7 +156,44 @@ def _wigner(l: int, alpha: Tensor, beta: Tensor) -> Tensor:
     return torch.bmm(about_y, about_x)
 
 
-@torch.no_grad()
+def _rotations(unit: Tensor, max_degree: int) -> List[Tensor]:
+    """``[D_l(R) for l <= max_degree]`` (``[E, 2l+1, 2l+1]``) for the rotations ``R = R_y(α) R_x(β)`` taking e3nn's
+    polar axis ``ŷ`` to the unit vectors ``unit [E, 3]``."""
+    x, y, z = unit.unbind(1)
+    alpha, beta = torch.atan2(x, z), torch.atan2(torch.hypot(x, z), y)
+    return [_wigner(l, alpha, beta) for l in range(max_degree + 1)]
+
+
+class _FrameRotations(torch.autograd.Function):
+    """:func:`_rotations` with the gradient of the frames' gauge-invariant functions (see the module docstring):
+    exact for any loss that does not change when every frame turns about the polar axis, ``F_l -> F_l D_l(S)``,
+    as the edge-frame messages (whose kernel commutes with those turns); other functions of the frames get no
+    meaningful gradient here. The backward is made of differentiable ops: second derivatives (training on forces)
+    go through it again."""
+
+    @staticmethod
+    def forward(ctx, unit: Tensor, max_degree: int):
+        rot = _rotations(unit, max_degree)
+        ctx.save_for_backward(unit, *rot)
+        return tuple(rot)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):
+        unit, *rot = ctx.saved_tensors
+        torque = None
+        for l in range(1, len(rot)):
+            if grads[l] is None:
+                continue
+            L = 2 * l + 1
+            G = torch.bmm(grads[l], rot[l].transpose(1, 2)).reshape(unit.shape[0], L * L)  # G_l F_l^T
+            part = G @ _generators_like(l, G)
+            torque = part if torque is None else torque + part
+        if torque is None:
+            return None, None
+        # dr̂ = ω × r̂ with ω = r̂ × dr̂; ``unit`` is scaled out exactly (the frames depend on its direction only)
+        return torch.linalg.cross(torque, unit, dim=1) / (unit * unit).sum(1, keepdim=True), None
+
+
 def edge_frames(harmonics: Tensor, max_degree: int, from_edge_vectors: bool = False) -> Optional[EdgeFrames]:
     """The frames of edges whose harmonics ``[E, (2*max_degree+1)**2]`` are ``s * Y(r̂)`` (``s >= 0``; ``s = 0``:
     padding), or ``None`` when some edge's are not (zero-length edges). Computed in float64 (float32 on MPS,
@@ -135,8 +201,17 @@ def edge_frames(harmonics: Tensor, max_degree: int, from_edge_vectors: bool = Fa
 
     ``from_edge_vectors``: the harmonics are :func:`se3t.basis.spherical_harmonics` of edge vectors (what
     :func:`se3t.basis.get_basis` makes), so only a zero-length edge (``Y_0`` with a zero direction) can lack a
-    frame: that is checked instead of rebuilding every degree from the direction (hundreds of small kernels)."""
-    sh = harmonics.detach().to(torch.float32 if harmonics.device.type == "mps" else torch.float64)
+    frame: that is checked instead of rebuilding every degree from the direction (hundreds of small kernels).
+
+    When ``harmonics`` require gradients (and grad mode is on), the frames carry them (forces: see the module
+    docstring); else they are constants."""
+    with torch.set_grad_enabled(harmonics.requires_grad and torch.is_grad_enabled()):
+        return _edge_frames(harmonics, max_degree, from_edge_vectors)
+
+
+def _edge_frames(harmonics: Tensor, max_degree: int, from_edge_vectors: bool) -> Optional[EdgeFrames]:
+    differentiable = torch.is_grad_enabled()
+    sh = harmonics.to(torch.float32 if harmonics.device.type == "mps" else torch.float64)
     dtype = torch.promote_types(harmonics.dtype, torch.float32)
     scale = sh[:, 0] * math.sqrt(4 * math.pi)  # Y_0 = 1/sqrt(4 pi)
     if max_degree == 0:  # scalars only: no rotation, the scale is all there is
@@ -147,24 +222,24 @@ def edge_frames(harmonics: Tensor, max_degree: int, from_edge_vectors: bool = Fa
     # matches (scale 0), a zero-length edge does not (it has no frame).
     polar = (torch.arange(3, device=sh.device) == 1).to(sh.dtype).view(1, 3)  # made on the device: capturable
     unit = torch.where(norm > 0, direction / norm.clamp_min(1e-300), polar)
-    x, y, z = unit.unbind(1)
-    alpha, beta = torch.atan2(x, z), torch.atan2(torch.hypot(x, z), y)
     mode = value_check_mode(sh) if sh.shape[0] else "skip"
     if mode != "skip":
-        if from_edge_vectors:
-            ok = ~((scale != 0) & (norm[:, 0] == 0)).any()
-        else:
-            rebuilt = scale[:, None] * o3.spherical_harmonics(list(range(2 * max_degree + 1)), unit,
-                                                              normalize=False, normalization="integral")
-            ok = (rebuilt - sh).abs().max() <= HARMONICS_TOLERANCE * scale.abs().max().clamp_min(1.0)
+        with torch.no_grad():
+            if from_edge_vectors:
+                ok = ~((scale != 0) & (norm[:, 0] == 0)).any()
+            else:
+                rebuilt = scale[:, None] * o3.spherical_harmonics(list(range(2 * max_degree + 1)), unit,
+                                                                  normalize=False, normalization="integral")
+                ok = (rebuilt - sh).abs().max() <= HARMONICS_TOLERANCE * scale.abs().max().clamp_min(1.0)
         if mode == "now" and not bool(ok):
             return None
         if mode == "defer":  # no fallback to the basis path inside a CUDA graph: the replay reports such edges
             defer_check(ok, "some edge has no edge frame (a zero-length edge: coincident points); the EDGE_FRAME "
                             "level cannot fall back to the basis path inside a CUDA graph: use fuse_level FULL or "
                             "drop such edges")
-    live = (scale > 0).to(sh.dtype).view(-1, 1, 1)
-    rot = [_wigner(l, alpha, beta) * live for l in range(max_degree + 1)]
+    live = (scale > 0).to(sh.dtype).detach().view(-1, 1, 1)
+    rot = _FrameRotations.apply(unit, max_degree) if differentiable else _rotations(unit, max_degree)
+    rot = [r * live for r in rot]
     if from_edge_vectors:
         # Harmonics of edge vectors have s = 1 on every edge but padding (their Y_0 differs from 1/sqrt(4 pi) by
         # rounding only): the rotations back are the frames' transposes, kept as views of them.

@@ -175,9 +175,10 @@ class SE3Transformer(nn.Module):
                         basis: Basis) -> Features:
         """The layers under checkpoints, in segments of ``low_memory_segment`` layers, each layer in blocks of
         destination nodes (see ``low_memory``)."""
-        if self.fuse_level == FuseLevel.EDGE_FRAME and basis.harmonics is not None \
-                and not basis.harmonics.requires_grad:
-            basis.edge_frames()  # made once here, then selected per block (not remade per block and recompute)
+        if self.fuse_level == FuseLevel.EDGE_FRAME and basis.harmonics is not None:
+            # made once here, outside the checkpoints (with their gradients when forces are asked), then selected
+            # per block: not remade per block and in each recompute
+            basis.edge_frames()
         num_nodes = next(iter(feats.values())).shape[0]
         num_blocks = max(1, min(self.low_memory_blocks, edge_index.shape[1] // LOW_MEMORY_MIN_BLOCK_EDGES))
         blocks = destination_blocks(edge_index, num_nodes, num_blocks) if num_blocks > 1 else []

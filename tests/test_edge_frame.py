@@ -183,19 +183,103 @@ def test_edge_frame_gradcheck():
     assert torch.autograd.gradcheck(fn, args, atol=1e-7)
 
 
-def test_forces_and_zero_length_edges_take_the_basis_path():
-    """Position gradients go through the harmonics (frames are constants): EDGE_FRAME gives FULL's forces; a
-    zero-length edge (no frame) gives FULL's outputs."""
-    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1}), Fiber({0: 2})).double()
-    pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
+def _polar_graph(num_nodes=9):
+    """The conv inputs with node 1 straight above node 0 (an edge along +y and one along -y: the frames' poles,
+    where the angles have no derivative)."""
+    pos, ei, x, e = _conv_inputs(Fiber({0: 2}), num_nodes)
+    pos[1] = pos[0] + torch.tensor([0.0, 0.7, 0.0], dtype=pos.dtype)
+    keep = ~(((ei[0] == 0) & (ei[1] == 1)) | ((ei[0] == 1) & (ei[1] == 0)))
+    ei = torch.cat([ei[:, keep], torch.tensor([[0, 1], [1, 0]])], dim=1)
+    return pos, ei, x, random_features(Fiber({0: 2}), ei.shape[1], pos.dtype)
+
+
+def _count_edge_frame_calls(monkeypatch):
+    calls = []
+    original = ConvSE3._edge_frame_messages
+    monkeypatch.setattr(ConvSE3, "_edge_frame_messages", lambda self, *a: calls.append(1) or original(self, *a))
+    return calls
+
+
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
+def test_forces_go_through_the_frames(order, monkeypatch):
+    """Position gradients at EDGE_FRAME flow through the frames (the edge-frame path runs, no basis): FULL's
+    forces, edges along the poles included; gradcheck, and gradgradcheck (training on forces)."""
+    set_kernel_order(monkeypatch, order)
+    calls = _count_edge_frame_calls(monkeypatch)
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1, 2: 1}), Fiber({0: 2})).double()
+    pos, ei, x, e = _polar_graph()
     forces = {}
     for level in (FuseLevel.FULL, FuseLevel.EDGE_FRAME):
         layer.fuse_level = level
         p = pos.clone().requires_grad_()
         out = _run(layer, ei, x, p, e, 3)
         forces[level] = torch.autograd.grad(sum(o.pow(2).sum() for o in out.values()), p)[0]
-    assert forces[FuseLevel.FULL].abs().max() > 0
+    assert len(calls) == 1
+    assert forces[FuseLevel.FULL][:2].abs().min() > 0
     assert torch.allclose(forces[FuseLevel.FULL], forces[FuseLevel.EDGE_FRAME], atol=1e-12, rtol=0)
+
+    def energy(p):
+        out = _run(layer, ei, x, p, e, 3)
+        return sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in out.values())
+
+    p = pos.clone().requires_grad_()
+    assert torch.autograd.gradcheck(energy, (p,)) and torch.autograd.gradgradcheck(energy, (p,))
+    assert len(calls) > 3
+
+
+def test_forces_through_scaled_harmonics_frames():
+    """Harmonics that are not an edge vector's (``s * Y(r̂)`` with a smooth scale, zero on one edge: padding):
+    the rotations back carry ``s``, and the gradient flows to both the direction and the scale."""
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1}), Fiber({0: 2}), fuse_level=FuseLevel.EDGE_FRAME).double()
+    pos, ei, x, e = _polar_graph()
+    max_degree = 3
+
+    def harmonics(p):
+        rel = p[ei[1]] - p[ei[0]]
+        scale = torch.sigmoid(rel.norm(dim=1, keepdim=True)) * (torch.arange(rel.shape[0]) != 3)[:, None]
+        return scale * o3.spherical_harmonics(list(range(2 * max_degree + 1)), rel, normalize=True,
+                                              normalization="integral")
+
+    def energy(p, level):
+        layer.fuse_level = level
+        rel = p[ei[1]] - p[ei[0]]
+        radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1)
+        out = layer(x, e, radial_in, ei, Basis.from_harmonics(harmonics(p), max_degree))
+        return sum(o.pow(2).sum() for o in out.values())
+
+    p = pos.clone().requires_grad_()
+    assert Basis.from_harmonics(harmonics(pos), max_degree).edge_frames() is not None
+    f_full, = torch.autograd.grad(energy(p, FuseLevel.FULL), p)
+    f_frame, = torch.autograd.grad(energy(p, FuseLevel.EDGE_FRAME), p)
+    assert torch.allclose(f_full, f_frame, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda q: energy(q, FuseLevel.EDGE_FRAME), (p,))
+
+
+def test_frames_made_without_grad_are_not_reused_for_forces():
+    """A basis whose frames were first made as constants (under no_grad: validation) makes frames with gradients
+    when forces are asked later, and keeps both."""
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1}), Fiber({0: 2}), fuse_level=FuseLevel.EDGE_FRAME).double()
+    pos, ei, x, e = _polar_graph()
+    p = pos.clone().requires_grad_()
+    rel = p[ei[1]] - p[ei[0]]
+    radial_in = torch.cat([e[0].squeeze(-1), safe_norm(rel)[0]], -1)
+    basis = get_basis(rel, 3)
+    with torch.no_grad():
+        constant = basis.edge_frames()
+        layer(x, e, radial_in, ei, basis)
+    out = layer(x, e, radial_in, ei, basis)
+    forces, = torch.autograd.grad(sum(o.pow(2).sum() for o in out.values()), p)
+    ref, = torch.autograd.grad(sum(o.pow(2).sum() for o in _run(layer, ei, x, p, e, 3).values()), p)
+    assert torch.equal(forces, ref)
+    assert not constant.rot[1].requires_grad and basis.edge_frames().rot[1].requires_grad
+    with torch.no_grad():
+        assert basis.edge_frames() is constant
+
+
+def test_zero_length_edges_take_the_basis_path():
+    """A zero-length edge (no frame) gives FULL's outputs."""
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 1}), Fiber({0: 2})).double()
+    pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
     pos[ei[0, 0]] = pos[ei[1, 0]]  # edge 0 now has zero length
     outs = {}
     for level in (FuseLevel.FULL, FuseLevel.EDGE_FRAME):

@@ -93,7 +93,7 @@ def test_conv_fuse_levels_agree_forward_and_backward(radial):
         grads = torch.autograd.grad(loss, [pos] + list(layer.parameters()))
         results[level] = (out, grads)
     ref_out, ref_grads = results[FuseLevel.NONE]
-    for level in (FuseLevel.PARTIAL, FuseLevel.FULL, FuseLevel.EDGE_FRAME):  # EDGE_FRAME: FULL's, forces asked
+    for level in (FuseLevel.PARTIAL, FuseLevel.FULL, FuseLevel.EDGE_FRAME):  # EDGE_FRAME: forces through frames
         out, grads = results[level]
         for d in ref_out:
             assert torch.allclose(out[d], ref_out[d], atol=1e-10, rtol=0)

@@ -212,10 +212,9 @@ class ConvSE3(nn.Module):
         out: Features = {}
         sh = basis.harmonics
         if level == FuseLevel.EDGE_FRAME:
-            frames = None if (sh is None or (sh.requires_grad and torch.is_grad_enabled())) else basis.edge_frames()
-            if frames is not None:
+            if sh is not None and basis.edge_frames() is not None:  # (frames carry position gradients: forces)
                 return self._edge_frame_messages(node_feats, edge_feats, radial_in, src, basis)
-            level = FuseLevel.FULL  # no frame (zero-length edges, block bases) or forces: the basis path
+            level = FuseLevel.FULL  # no frame (zero-length edges, block bases): the basis path
         if level == FuseLevel.FULL:
             # x @ B, the radial last layer and the contraction in one chunked kernel (see se3t.nn.fused): only
             # x, the bases (as harmonics when the basis has them) and the radial hidden features are kept for

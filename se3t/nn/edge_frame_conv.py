@@ -284,8 +284,9 @@ class _GatherRotate(torch.autograd.Function):
     (``index_copy_``: every block output is read exactly once; the zero run's gradient, written by several
     components, is unused). Gathering all runs at once, and concatenating all gradients before one inverse gather,
     made two more per-edge tensors of the messages' size at once (inference peak of the paper model at batch 100:
-    34.5 MiB, 7.3 MiB of it the gathered runs). Nothing per edge is saved (the rotations ``back_d`` are constants
-    of the edge set)."""
+    34.5 MiB, 7.3 MiB of it the gathered runs). Nothing per edge is saved but the rotations ``back_d``, unless
+    they require gradients (forces): then the blocks' outputs are kept too, and ``grad back_d = part_d @ g_d``
+    (each degree's part gathered again)."""
 
     @staticmethod
     def forward(ctx, flat_runs: Tensor, gather_runs: Tensor, channels: Tuple[int, ...], *back: Tensor):
@@ -299,14 +300,16 @@ class _GatherRotate(torch.autograd.Function):
             # attention's per-head weighting of the values: 3.5x)
             outs[i] = torch.bmm(R.transpose(1, 2).to(part_t.dtype), part_t).transpose(1, 2).contiguous()
             part_t = None
-        ctx.save_for_backward(gather_runs, *back)
-        ctx.num_runs, ctx.run, ctx.spans = num_runs, run, spans
+        ctx.with_back = any(ctx.needs_input_grad[3:])
+        ctx.save_for_backward(gather_runs, flat_runs if ctx.with_back else None, *back)
+        ctx.num_runs, ctx.run, ctx.spans, ctx.channels = num_runs, run, spans, channels
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        gather_runs, *back = ctx.saved_tensors
+        gather_runs, flat_runs, *back = ctx.saved_tensors
         E, spans = back[0].shape[0], ctx.spans
+        grad_back: List[Optional[Tensor]] = [None] * len(back)
         like = next(g for g in grads if g is not None)
         # Every run is written below when every degree has a gradient (each block output is read exactly once, and
         # the zero run exists only because some component reads it): no zero fill then.
@@ -320,4 +323,7 @@ class _GatherRotate(torch.autograd.Function):
                 runs = gather_runs[spans[i]:spans[i + 1]]  # (explicit sizes: E may be 0)
                 grad_runs.index_copy_(1, runs, part.view(E, runs.shape[0], ctx.run))
                 part = None
-        return (grad_runs, None, None) + (None,) * len(back)
+                if ctx.needs_input_grad[3 + i]:  # out_d = part_t^T @ back_d: grad back_d = part_t @ g_d
+                    part_t = flat_runs.index_select(1, runs).view(E, back[i].shape[-1], ctx.channels[i])
+                    grad_back[i] = torch.bmm(part_t.to(grads[i].dtype), grads[i]).to(back[i].dtype)
+        return (grad_runs, None, None, *grad_back)

@@ -15,10 +15,12 @@ def test_parse_variant_reads_flags_and_rejects_what_cannot_run():
     assert parse_variant(" infer ") == Variant("infer", infer=True)
     assert parse_variant("infer+cache") == Variant("infer+cache", infer=True, cache=True)
     assert parse_variant("forces+wgrad") == Variant("forces+wgrad", forces=True, weight_gradient=True)
+    assert parse_variant("forces+level=full") == Variant("forces+level=full", forces=True, level="FULL")
     for bad, words in (("fast", "unknown flag 'fast'"), ("seg=2", "add 'low'"), ("low+seg=0", "positive integer"),
                        ("low+seg=x", "positive integer"), ("infer+low", "would change nothing"),
                        ("forces+oib", "would change nothing"), ("infer+forces", "choose one"),
-                       ("+", "empty variant"), ("cache", "'infer' and 'forces' only"), ("wgrad", "'forces' only")):
+                       ("+", "empty variant"), ("cache", "'infer' and 'forces' only"), ("wgrad", "'forces' only"),
+                       ("level=fast", "names no fusion level")):
         with pytest.raises(ValueError, match=words):
             parse_variant(bad)
 
