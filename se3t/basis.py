@@ -283,6 +283,13 @@ class Basis(Mapping):
         require gradients and grad mode is on, frames that carry them (forces; made then, kept beside)."""
         return self._edge_frame_state()[0]
 
+    @property
+    def frames_orthogonal(self) -> bool:
+        """Whether the frames' rotations back are the rotations transposed (harmonics of edge vectors, made by
+        :func:`get_basis`: ``s = 1``), so ``back[l] @ back[l]^T`` is the identity (zero on padding edges). A
+        plain attribute: read without a graph break under ``torch.compile``."""
+        return self._from_edge_vectors
+
     def frame_rows(self, d_in: int, m: int) -> Tensor:
         """The fused kernel's edge-frame basis of ``d_in`` at order ``m`` (:func:`se3t.edge_frame.frame_rows`),
         made from the frames on first use and kept; only valid when :meth:`edge_frames` is not ``None``."""

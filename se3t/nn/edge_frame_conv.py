@@ -261,7 +261,7 @@ class EdgeFramePlan:
         degrees = [b.d_out for b in self.blocks]
         back = [basis.edge_frames().back[d] for d in degrees]
         outs = _GatherRotate.apply(flat.view(E, flat.shape[1] // self.run, self.run), gather_runs,
-                                   tuple(self.out_channels[d] for d in degrees), *back)
+                                   tuple(self.out_channels[d] for d in degrees), basis.frames_orthogonal, *back)
         return dict(zip(degrees, outs))
 
 
@@ -285,11 +285,14 @@ class _GatherRotate(torch.autograd.Function):
     components, is unused). Gathering all runs at once, and concatenating all gradients before one inverse gather,
     made two more per-edge tensors of the messages' size at once (inference peak of the paper model at batch 100:
     34.5 MiB, 7.3 MiB of it the gathered runs). Nothing per edge is saved but the rotations ``back_d``, unless
-    they require gradients (forces): then the blocks' outputs are kept too, and ``grad back_d = part_d @ g_d``
-    (each degree's part gathered again)."""
+    they require gradients (forces): ``grad back_d = part_d @ g_d`` with ``part_d`` made again, from the outputs
+    where the rotations are orthogonal (``orthogonal``: ``part_d = back_d @ out_d^T``; outputs the next layer keeps
+    anyway; on padding edges ``back_d`` is zero and so is this gradient, which the frames' mask discards there), else
+    gathered again from the blocks' outputs, which are then kept."""
 
     @staticmethod
-    def forward(ctx, flat_runs: Tensor, gather_runs: Tensor, channels: Tuple[int, ...], *back: Tensor):
+    def forward(ctx, flat_runs: Tensor, gather_runs: Tensor, channels: Tuple[int, ...], orthogonal: bool,
+                *back: Tensor):
         E, num_runs, run = flat_runs.shape
         outs: List[Optional[Tensor]] = [None] * len(channels)
         spans = list(itertools.accumulate((C * R.shape[-1] // run for C, R in zip(channels, back)), initial=0))
@@ -300,14 +303,17 @@ class _GatherRotate(torch.autograd.Function):
             # attention's per-head weighting of the values: 3.5x)
             outs[i] = torch.bmm(R.transpose(1, 2).to(part_t.dtype), part_t).transpose(1, 2).contiguous()
             part_t = None
-        ctx.with_back = any(ctx.needs_input_grad[3:])
-        ctx.save_for_backward(gather_runs, flat_runs if ctx.with_back else None, *back)
+        with_back = any(ctx.needs_input_grad[4:])
+        ctx.from_outputs = with_back and orthogonal
+        ctx.save_for_backward(gather_runs, flat_runs if with_back and not orthogonal else None, *back,
+                              *(outs if ctx.from_outputs else ()))
         ctx.num_runs, ctx.run, ctx.spans, ctx.channels = num_runs, run, spans, channels
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        gather_runs, flat_runs, *back = ctx.saved_tensors
+        gather_runs, flat_runs, *saved = ctx.saved_tensors
+        back, outs = saved[:len(ctx.channels)], saved[len(ctx.channels):]
         E, spans = back[0].shape[0], ctx.spans
         grad_back: List[Optional[Tensor]] = [None] * len(back)
         like = next(g for g in grads if g is not None)
@@ -323,7 +329,10 @@ class _GatherRotate(torch.autograd.Function):
                 runs = gather_runs[spans[i]:spans[i + 1]]  # (explicit sizes: E may be 0)
                 grad_runs.index_copy_(1, runs, part.view(E, runs.shape[0], ctx.run))
                 part = None
-                if ctx.needs_input_grad[3 + i]:  # out_d = part_t^T @ back_d: grad back_d = part_t @ g_d
-                    part_t = flat_runs.index_select(1, runs).view(E, back[i].shape[-1], ctx.channels[i])
+                if ctx.needs_input_grad[4 + i]:  # out_d = part_t^T @ back_d: grad back_d = part_t @ g_d
+                    if ctx.from_outputs:
+                        part_t = torch.bmm(back[i].to(outs[i].dtype), outs[i].transpose(1, 2))
+                    else:
+                        part_t = flat_runs.index_select(1, runs).view(E, back[i].shape[-1], ctx.channels[i])
                     grad_back[i] = torch.bmm(part_t.to(grads[i].dtype), grads[i]).to(back[i].dtype)
-        return (grad_runs, None, None, *grad_back)
+        return (grad_runs, None, None, None, *grad_back)
