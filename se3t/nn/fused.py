@@ -414,7 +414,7 @@ def cached_kernel_weights(*modules: torch.nn.Module) -> Iterator[None]:
     """Within this block, each conv of ``modules`` (default: every conv) lays out its kernel weights once (mapped by
     its weight map, cast to the compute dtype, transposed for the GEMMs) and reuses them in later calls while the
     weights stay the same: inference, and forces (gradients of the output with respect to positions: the backward
-    makes its own layouts, as always); leaving the block frees them.
+    reads them too, with the outer order's blocks kept transposed beside); leaving the block frees them.
 
     Laying them out reads and writes all of a conv's weights several times per call, whatever the batch (paper
     model, 2-core Zen 4, inference steps interleaved in one process, ``python -m benchmarks.paired --variants
@@ -425,8 +425,8 @@ def cached_kernel_weights(*modules: torch.nn.Module) -> Iterator[None]:
     dtype and device (and the conv's blocks, row order and weight map): an optimizer step, ``load_state_dict``,
     an in-place op or ``param.data = ...`` lays them out afresh. Changes through ``param.data`` in place
     (``p.data.copy_(...)``, older EMA code) do not bump the version counter: do not make them inside the block.
-    Training gains nothing inside the block (each optimizer step makes the next call lay them out afresh) and
-    holds the copy throughout. The PyTorch paths only (Triton kernels lay out theirs per call)::
+    Training gains little inside the block (the backward reads the forward's layouts, but each optimizer step
+    makes the next call lay them out afresh) and holds the copy throughout. The PyTorch paths only (Triton kernels lay out theirs per call)::
 
         with se3t.cached_kernel_weights(model), torch.inference_mode():
             for frame in trajectory:
@@ -469,11 +469,12 @@ def _engine_uses(ctx, tensor_input: int) -> bool:
 
 
 def _cached_layouts(W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], weight_map: Optional["WeightMap"],
-                    dtype: torch.dtype) -> Optional[Dict[Tuple[int, bool], Tensor]]:
-    """Inside :func:`cached_kernel_weights` (for ``W``): the forward's laid-out block weights of parameter ``W``
-    kept from earlier calls, for this call to read and fill. None (lay them out for this call only) outside it or
-    when ``W`` is an inference tensor (no version counter). An entry serves only the ``W`` storage, version, dtype
-    and device, compute dtype, blocks, row order and weight map it was made for (the backward never reads it)."""
+                    dtype: torch.dtype) -> Optional[Dict[Tuple[int, object], Tensor]]:
+    """Inside :func:`cached_kernel_weights` (for ``W``): the laid-out block weights of parameter ``W`` kept from
+    earlier calls, for this call to read and fill: per block ``j``, the forward's (``(j, outer)``) and, for the
+    outer order, the backward's transpose of it (``(j, "backward")``). None (lay them out for this call only)
+    outside it or when ``W`` is an inference tensor (no version counter). An entry serves only the ``W`` storage,
+    version, dtype and device, compute dtype, blocks, row order and weight map it was made for."""
     if not _cache_scopes or not _in_cache_scope(W) or W.is_inference():
         return None
     key = (W._version, W.data_ptr(), W.dtype, W.device, dtype, tuple(blocks), rows.data_ptr(), id(weight_map))
@@ -481,6 +482,19 @@ def _cached_layouts(W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], weight
     if entry is None or entry[0] != key:
         entry = _weight_layouts[W] = (key, {})
     return entry[1]
+
+
+def _backward_layout(layouts: Optional[Dict[Tuple[int, object], Tensor]], j: int, outer: bool) -> Optional[Tensor]:
+    """Block ``j``'s kept layout as backward reads it (see :func:`_cached_layouts`): the forward's ``W_j^T [H,
+    C_out*K_in]`` itself, or (``outer``) the transpose ``[C_out, H*K_in]`` of its ``W' [(h, i), o]``, made once and
+    kept beside it; None when the forward kept none."""
+    if layouts is None:
+        return None
+    if not outer:
+        return layouts.get((j, False))
+    if (j, "backward") not in layouts and (j, True) in layouts:
+        layouts[(j, "backward")] = layouts[(j, True)].t().contiguous()
+    return layouts.get((j, "backward"))
 
 
 def _triton_forward_step(b: BlockSpec, j: int, dims: List[int], Wj_t: Tensor, h: Tensor, xs, x_index, bases,
@@ -728,6 +742,9 @@ class _FusedConv(torch.autograd.Function):
 
         largest = E * max(b.c_out * b.k_in for b in blocks)
         triton = _use_triton(h)
+        # inside cached_kernel_weights, the forward's layouts (valid while W is unchanged, as it must be between
+        # forward and backward: autograd checks its version) serve here too (forces: none laid out at all)
+        layouts = None if triton else _cached_layouts(W_param, rows, blocks, weight_map, h.dtype)
         for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
             if g_all is None:
                 continue
@@ -737,11 +754,12 @@ class _FusedConv(torch.autograd.Function):
                 g_all = g_all.contiguous()  # output already are
             parts_in = [p for p in b.parts
                         if grad_x[p.x] is not None or bt_grad(p) is not None or grad_sh is not None]
-            Wj = _block_weights(W_param, rows, b, weight_map, h.dtype)
+            outer = _use_outer(b, H) and not triton
+            kept = _backward_layout(layouts, j, outer)
+            Wj = None if kept is not None else _block_weights(W_param, rows, b, weight_map, h.dtype)
             dims = [xs[p.x].shape[2] for p in b.parts]
             # column of each part in the block's projection (harmonics only)
             part_cols = [sum(b.K * q.F * L for q, L in zip(b.parts[:i], dims)) for i in range(len(b.parts))]
-            outer = _use_outer(b, H) and not triton
             Wj_t = W_outer_t = None
             if triton:  # one group of (nearly) all edges; W as [H, K_in, C_out]
                 group, tile = _triton_step(b, E), b.c_out
@@ -749,11 +767,14 @@ class _FusedConv(torch.autograd.Function):
             elif outer:  # as in forward; W'^T [c_out, (h, i)] contiguous: grad (h ⊗ tmp) = g @ W'^T reads
                 # it row-major
                 group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
-                W_outer_t = Wj.view(b.c_out, b.k_in, H).transpose(1, 2).reshape(b.c_out, H * b.k_in)
+                W_outer_t = kept if kept is not None else (
+                    Wj.view(b.c_out, b.k_in, H).transpose(1, 2).reshape(b.c_out, H * b.k_in))
             else:
                 group, tile = _tiling(chunk, b, E, h.device, h.dtype, blockwise)
-                Wj_t = Wj.t().contiguous()  # R = h @ W_j^T as in forward, and grad_h's GEMM (transposed)
-            Wj_shape, Wj = Wj.shape, None  # (made in the layouts above: the rows themselves are not needed again)
+                # R = h @ W_j^T as in forward, and grad_h's GEMM (transposed)
+                Wj_t = kept if kept is not None else Wj.t().contiguous()
+            # (made in the layouts above: the rows themselves are not needed again)
+            Wj_shape, Wj, kept = (b.c_out * b.k_in, H), None, None
 
             def backward_buffers(arena: _Arena, b=b, j=j, parts_in=parts_in, group=group, tile=tile, outer=outer,
                                  triton=triton):
