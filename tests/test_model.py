@@ -243,6 +243,22 @@ def test_forces_gradcheck_and_equivariant_gradient():
     assert torch.allclose(f1, f0 @ R.T, atol=1e-10)
 
 
+@pytest.mark.parametrize("fuse_level", ["FULL", "EDGE_FRAME"])
+def test_forces_equivariant(dtype, tol, fuse_level):
+    """Forces (through the frames at EDGE_FRAME, the harmonics at FULL) rotate with the positions and ignore
+    shifts, in float32 and float64."""
+    model = make_model(dtype, fuse_level=fuse_level, return_type=0)
+    x, ei, pos, e, _ = make_inputs(dtype=dtype)
+
+    def forces(a, p, b):
+        p = p.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return torch.autograd.grad(model(a, ei, p, b).sum(), p)[0][:, None, :]  # [N, 1, 3]: degree 1
+
+    assert forces(x, pos, e).abs().max() > 0
+    assert_equivariant(forces, x, pos, e, output_degree=1, tolerance=tol, num_rotations=4)
+
+
 @pytest.mark.parametrize("fuse_level, low_memory", [("PARTIAL", False), ("FULL", False), ("EDGE_FRAME", False),
                                                     ("EDGE_FRAME", True)])
 def test_force_training_matches_the_unfused_model(fuse_level, low_memory):
