@@ -22,6 +22,10 @@ measure). A variant is a ``+``-joined set of flags (``default``: none of them):
   (``torch.autograd.grad``; the weights require grad, as they do in a trained model); ``wgrad``: with ``forces``,
   the fused kernel makes the weights' gradient anyway (``se3t.nn.fused.SKIP_UNUSED_WEIGHT_GRADIENT`` off, the
   reference);
+* ``ftrain``: a training step on forces: the L1 loss of the energies plus the mean square of the real atoms'
+  forces (QM9's geometries are relaxed: zero is their target), the forces by ``torch.autograd.grad(...,
+  create_graph=True)``, then backward and AdamW (second derivatives through the fused kernel's plain-autograd
+  form);
 * ``cache``: with ``infer`` or ``forces``, inside ``se3t.cached_kernel_weights(model)`` (the kernel weights laid
   out once, in the warm-up);
 * ``level=NAME``: this variant's fusion level (``FULL``, ``EDGE_FRAME``, ...) instead of ``--level``'s.
@@ -75,12 +79,13 @@ class Variant(NamedTuple):
     cache: bool = False         # infer or forces inside se3t.cached_kernel_weights(model)
     forces: bool = False        # energy + forces (autograd.grad for the positions)
     weight_gradient: bool = False  # forces with the fused kernel's weight gradient made anyway (the reference)
+    force_training: bool = False   # a training step with a loss on forces (create_graph)
     level: str = ""             # fusion level; "": the run's
 
 
 #: flag -> Variant field, for the flags that switch a field on
 _SWITCHES = {"low": "low_memory", "oib": "optimizer_in_backward", "infer": "infer", "cache": "cache",
-             "forces": "forces", "wgrad": "weight_gradient"}
+             "forces": "forces", "wgrad": "weight_gradient", "ftrain": "force_training"}
 
 
 def parse_variant(text: str) -> Variant:
@@ -116,6 +121,9 @@ def parse_variant(text: str) -> Variant:
     if (v.infer or v.forces) and (v.low_memory or v.optimizer_in_backward):
         raise ValueError(f"variant {text!r}: 'infer' and 'forces' run the model in eval mode with no optimizer, so "
                          "'low' and 'oib' would change nothing")
+    if v.force_training and (v.infer or v.forces or v.optimizer_in_backward):
+        raise ValueError(f"variant {text!r}: 'ftrain' is a training step of its own; it takes 'low', 'seg=N' and "
+                         "'level=NAME' only")
     if v.cache and not (v.infer or v.forces):
         raise ValueError(f"variant {text!r}: 'cache' applies to 'infer' and 'forces' only")
     if v.weight_gradient and not v.forces:
@@ -191,8 +199,15 @@ def _variant_step(variant: Variant, config: dict, level: str, batches: List[dict
         b = batches[i % len(batches)]
         if in_backward is None:
             opt.zero_grad(set_to_none=True)
-        pred = _prediction(model, "pooled", b, inputs[i % len(inputs)])
-        F.l1_loss(pred, b["y"][b["graph_mask"]].float()).backward()
+        if variant.force_training:
+            pos = inputs[i % len(inputs)]["pos"].clone().requires_grad_(True)
+            pred = _prediction(model, "pooled", b, dict(inputs[i % len(inputs)], pos=pos))
+            forces, = torch.autograd.grad(pred.sum(), pos, create_graph=True)
+            loss = F.l1_loss(pred, b["y"][b["graph_mask"]].float()) + forces[b["node_mask"]].pow(2).mean()
+        else:
+            pred = _prediction(model, "pooled", b, inputs[i % len(inputs)])
+            loss = F.l1_loss(pred, b["y"][b["graph_mask"]].float())
+        loss.backward()
         if in_backward is None:
             opt.step()
     return train
