@@ -26,6 +26,8 @@ measure). A variant is a ``+``-joined set of flags (``default``: none of them):
   forces (QM9's geometries are relaxed: zero is their target), the forces by ``torch.autograd.grad(...,
   create_graph=True)``, then backward and AdamW (second derivatives through the fused kernel's plain-autograd
   form);
+* ``nokeep``: calls on few edges lay their weights out again in backward (``se3t.nn.fused.KEEP_LAYOUTS_MAX_EDGES``
+  set to 0, the reference, during this variant's steps);
 * ``cache``: with ``infer`` or ``forces``, inside ``se3t.cached_kernel_weights(model)`` (the kernel weights laid
   out once, in the warm-up);
 * ``level=NAME``: this variant's fusion level (``FULL``, ``EDGE_FRAME``, ...) instead of ``--level``'s.
@@ -80,12 +82,14 @@ class Variant(NamedTuple):
     forces: bool = False        # energy + forces (autograd.grad for the positions)
     weight_gradient: bool = False  # forces with the fused kernel's weight gradient made anyway (the reference)
     force_training: bool = False   # a training step with a loss on forces (create_graph)
+    no_kept_layouts: bool = False  # se3t.nn.fused.KEEP_LAYOUTS_MAX_EDGES = 0 (the reference)
     level: str = ""             # fusion level; "": the run's
 
 
 #: flag -> Variant field, for the flags that switch a field on
 _SWITCHES = {"low": "low_memory", "oib": "optimizer_in_backward", "infer": "infer", "cache": "cache",
-             "forces": "forces", "wgrad": "weight_gradient", "ftrain": "force_training"}
+             "forces": "forces", "wgrad": "weight_gradient", "ftrain": "force_training",
+             "nokeep": "no_kept_layouts"}
 
 
 def parse_variant(text: str) -> Variant:
@@ -183,14 +187,10 @@ def _variant_step(variant: Variant, config: dict, level: str, batches: List[dict
                 model(**inputs[i % len(inputs)])
 
         def forces(i: int) -> None:
-            skip, fused.SKIP_UNUSED_WEIGHT_GRADIENT = fused.SKIP_UNUSED_WEIGHT_GRADIENT, not variant.weight_gradient
-            try:
-                pos = inputs[i % len(inputs)]["pos"].clone().requires_grad_(True)
-                energy = model(**dict(inputs[i % len(inputs)], pos=pos)).sum()
-                torch.autograd.grad(energy, pos)
-            finally:
-                fused.SKIP_UNUSED_WEIGHT_GRADIENT = skip
-        return infer if variant.infer else forces
+            pos = inputs[i % len(inputs)]["pos"].clone().requires_grad_(True)
+            energy = model(**dict(inputs[i % len(inputs)], pos=pos)).sum()
+            torch.autograd.grad(energy, pos)
+        return _with_kernel_settings(variant, infer if variant.infer else forces)
     model.train()
     opt = train_optimizer(model)
     in_backward = StepInBackward(opt) if variant.optimizer_in_backward else None
@@ -210,7 +210,30 @@ def _variant_step(variant: Variant, config: dict, level: str, batches: List[dict
         loss.backward()
         if in_backward is None:
             opt.step()
-    return train
+    return _with_kernel_settings(variant, train)
+
+
+def _with_kernel_settings(variant: Variant, step: Callable[[int], None]) -> Callable[[int], None]:
+    """``step`` with the fused kernel's switches the variant asks for (``wgrad``, ``nokeep``) set during each of
+    its steps only (the variants' steps are interleaved)."""
+    settings = {}
+    if variant.weight_gradient:
+        settings["SKIP_UNUSED_WEIGHT_GRADIENT"] = False
+    if variant.no_kept_layouts:
+        settings["KEEP_LAYOUTS_MAX_EDGES"] = 0
+    if not settings:
+        return step
+
+    def run(i: int) -> None:
+        saved = {name: getattr(fused, name) for name in settings}
+        try:
+            for name, value in settings.items():
+                setattr(fused, name, value)
+            step(i)
+        finally:
+            for name, value in saved.items():
+                setattr(fused, name, value)
+    return run
 
 
 def paired(variants: Sequence[Variant], batches: List[dict], *, config: dict = PAPER_CONFIG,

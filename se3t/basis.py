@@ -303,7 +303,7 @@ class Basis(Mapping):
             rows[(d_in, m)] = frame_rows(frames.rot[d_in], d_in, m)
         return rows[(d_in, m)]
 
-    @torch.compiler.disable  # constants of the edge set (one host sync): a graph break, not a traced recompute
+    @torch.compiler.disable  # made once per edge set (one host sync): a graph break, not a traced recompute
     def _edge_frame_state(self) -> Tuple[Optional[EdgeFrames], Dict[Tuple[int, int], Tensor]]:
         sh = self._harmonics
         with_grad = sh is not None and sh.requires_grad and torch.is_grad_enabled()

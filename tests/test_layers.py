@@ -620,6 +620,50 @@ def test_cached_kernel_weights_serve_forces_and_training_exactly(monkeypatch):
 
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
+def test_small_calls_keep_their_layouts_for_their_backward(level, order, monkeypatch):
+    """A call on few edges (``KEEP_LAYOUTS_MAX_EDGES``) lays its weights out once, in forward, and its backward
+    reads them: forces and a training step's gradients bitwise equal to laying them out again; none kept after
+    the backward; a blockwise (low-memory) kernel and a call on more edges lay them out in both."""
+    from se3t.nn import fused
+    set_kernel_order(monkeypatch, order)
+    made = _counted_calls(monkeypatch, fused, "_block_weights")
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, fuse_level=level).double()
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
+    fn = _conv_fn(layer, ei, 2)
+
+    def step():
+        p = pos.clone().requires_grad_(True)
+        out = fn(x, p, e)
+        loss = sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view(v.shape)).sum() for v in out.values())
+        return torch.autograd.grad(loss, [p, *layer.parameters()])
+
+    def counted(keep_edges, blockwise=False):
+        monkeypatch.setattr(fused, "KEEP_LAYOUTS_MAX_EDGES", keep_edges)
+        layer.blockwise_kernel = blockwise
+        made.clear()
+        grads = step()
+        return grads, len(made)
+
+    (ref, both), (kept, once) = counted(0), counted(ei.shape[1])
+    assert once > 0 and both == 2 * once
+    assert all(torch.equal(a, b) for a, b in zip(ref, kept))
+    assert counted(ei.shape[1] - 1)[1] == both and counted(ei.shape[1], blockwise=True)[1] == both
+    layer.blockwise_kernel = False
+    monkeypatch.setattr(fused, "KEEP_LAYOUTS_MAX_EDGES", ei.shape[1])
+    loss = sum(v.sum() for v in fn(x, pos, e).values())
+    made.clear()
+    torch.autograd.grad(loss, list(layer.parameters()), retain_graph=True)
+    assert len(made) == 0
+    torch.autograd.grad(loss, list(layer.parameters()))  # the first backward let them go: laid out again
+    assert len(made) == once
+    with torch.no_grad():  # no graph: nothing to keep
+        made.clear()
+        fn(x, pos, e)
+        assert len(made) == once
+
+
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
+@pytest.mark.parametrize("level", [FuseLevel.FULL, FuseLevel.EDGE_FRAME], ids=lambda v: v.name)
 def test_fused_backward_skips_the_weight_gradient_autograd_will_not_use(level, order, monkeypatch):
     """Forces alone (``autograd.grad`` for positions, ``backward(inputs=...)``) make no weight gradient in the fused
     kernel, and equal those of the kernel that makes it; a full backward, or ``autograd.grad`` asking for the

@@ -16,7 +16,8 @@ executed as two batched matmuls, ``tmp = x @ B`` then ``out = R @ tmp``. Two ind
   (:mod:`se3t.nn.fused`); ``EDGE_FRAME`` the same kernel in each edge's frame (:mod:`se3t.edge_frame`): the
   inputs are rotated so the edge points along the polar axis, where the kernel only couples components
   ``±m``, and the outputs rotated back: no basis at all and about a third of the contraction's FLOPs. Edges
-  without a frame (zero-length) and position gradients (forces) take the ``FULL`` path. A level is "the most
+  without a frame (zero-length) take the ``FULL`` path; position gradients (forces) flow through the frames.
+  A level is "the most
   fusion allowed": parts whose radial weights live in different MLPs are contracted separately.
 
 Layout of a radial MLP's output, per edge: for each of its output degrees (ascending), a row-major block

@@ -48,7 +48,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
            "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES",
            "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD", "BLOCKWISE_BUDGET_DIVISOR",
-           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON", "SKIP_UNUSED_WEIGHT_GRADIENT", "cached_kernel_weights"]
+           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON", "SKIP_UNUSED_WEIGHT_GRADIENT", "KEEP_LAYOUTS_MAX_EDGES",
+           "cached_kernel_weights"]
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
 #: Measured against 256 Ki on 2-core EPYC, same process, paper model: 0.95-0.96x the step time at 2 threads and
@@ -105,6 +106,13 @@ _cache_lock = threading.Lock()
 #: through ``torch._C._will_engine_execute_node`` (private; as torch's FSDP uses it); computed whenever it cannot
 #: tell. ``False``: always computed (the reference behaviour; tests compare).
 SKIP_UNUSED_WEIGHT_GRADIENT = True
+
+#: A call that records a graph on at most this many edges keeps its forward's laid-out weights for its own
+#: backward (held by the graph until then), instead of laying them out again there: at small batches laying
+#: out all of a conv's weights costs as much as the edge work (paper model: 35 MiB of weights over all convs,
+#: held through the step; batch 1 of QM9 has ~40 edges, batch 100 ~3,700). Not in blockwise (low-memory) runs,
+#: whose checkpoints would hold them for the whole step. 0: never (the reference; tests compare).
+KEEP_LAYOUTS_MAX_EDGES = 1024
 
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
 PARALLEL_RANGES = True
@@ -581,8 +589,9 @@ class _FusedConv(torch.autograd.Function):
     def forward(ctx, schedule: Tuple[Optional[int], bool, Optional[dict]], blocks: Tuple[BlockSpec, ...], num_x: int,
                 rows: Tensor, x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"],
                 single_output: bool, h: Tensor, W: Tensor, *xs_bts: Tensor):
-        """``schedule``: ``(chunk, blockwise)`` of :func:`fused_conv` and the laid-out block weights to reuse and
-        fill (:func:`_cached_layouts`; None: lay them out here)."""
+        """``schedule``: ``(chunk, blockwise)`` of :func:`fused_conv`, the laid-out block weights to reuse and
+        fill (:func:`_cached_layouts`, or this call's own; None: lay them out here), and whether they are this
+        call's own, kept for its backward (:data:`KEEP_LAYOUTS_MAX_EDGES`)."""
         xs = xs_bts[:num_x]
         bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
         cast = bases.sh is not None and bases.sh.dtype != h.dtype
@@ -591,7 +600,8 @@ class _FusedConv(torch.autograd.Function):
         # one [E, sum_j K_j*C_out_j] tensor with each block's output a strided view, or one tensor per block
         buf = h.new_empty(E, sum(b.K * b.c_out for b in blocks)) if single_output else None
         col = 0
-        chunk, blockwise, layouts = schedule
+        chunk, blockwise, layouts, keep = schedule
+        ctx.kept_layouts = layouts if keep else None
         steps = []  # blocks not yet run: (range function, buffers, edges per group, kernel weights over all edges)
 
         def hand_off() -> None:
@@ -691,6 +701,9 @@ class _FusedConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):
+        # this call's own layouts (KEEP_LAYOUTS_MAX_EDGES) are freed with this backward (a second one, with
+        # retain_graph, lays them out again)
+        layouts, ctx.kept_layouts = ctx.kept_layouts, None
         if torch.is_grad_enabled():  # create_graph (e.g. a loss on forces): gradients that can be differentiated
             return _differentiable_backward(ctx, grad_outs)
         rows, x_index, h, W_param, *xs_bts = ctx.saved_tensors
@@ -744,7 +757,8 @@ class _FusedConv(torch.autograd.Function):
         triton = _use_triton(h)
         # inside cached_kernel_weights, the forward's layouts (valid while W is unchanged, as it must be between
         # forward and backward: autograd checks its version) serve here too (forces: none laid out at all)
-        layouts = None if triton else _cached_layouts(W_param, rows, blocks, weight_map, h.dtype)
+        if layouts is None and not triton:
+            layouts = _cached_layouts(W_param, rows, blocks, weight_map, h.dtype)
         for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
             if g_all is None:
                 continue
@@ -982,5 +996,8 @@ def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], 
             args += [t.to(dtype).contiguous() for t in bts]
         chunk = None if chunk is None else max(1, int(chunk))
         layouts = _cached_layouts(W, rows, blocks, weight_map, dtype)
-        return list(_FusedConv.apply((chunk, bool(blockwise), layouts), tuple(blocks), len(xs), rows, x_index,
-                                     sh is not None, weight_map, single_output, *args))
+        keep = (layouts is None and not blockwise and h.shape[0] <= KEEP_LAYOUTS_MAX_EDGES
+                and torch.is_grad_enabled() and any(t.requires_grad for t in (h, W, *xs, *bts, sh) if t is not None)
+                and not _use_triton(args[0]))
+        return list(_FusedConv.apply((chunk, bool(blockwise), {} if keep else layouts, keep), tuple(blocks), len(xs),
+                                     rows, x_index, sh is not None, weight_map, single_output, *args))

@@ -17,6 +17,7 @@ def test_parse_variant_reads_flags_and_rejects_what_cannot_run():
     assert parse_variant("forces+wgrad") == Variant("forces+wgrad", forces=True, weight_gradient=True)
     assert parse_variant("forces+level=full") == Variant("forces+level=full", forces=True, level="FULL")
     assert parse_variant("ftrain+low") == Variant("ftrain+low", force_training=True, low_memory=True)
+    assert parse_variant("forces+nokeep") == Variant("forces+nokeep", forces=True, no_kept_layouts=True)
     for bad, words in (("fast", "unknown flag 'fast'"), ("seg=2", "add 'low'"), ("low+seg=0", "positive integer"),
                        ("low+seg=x", "positive integer"), ("infer+low", "would change nothing"),
                        ("forces+oib", "would change nothing"), ("infer+forces", "choose one"),
@@ -62,12 +63,12 @@ def test_ratio_summary_takes_per_round_ratios_and_a_seeded_interval():
 
 def test_paired_run_writes_json_and_markdown(tmp_path, capsys):
     result = main(["--model", "tiny", "--batch-size", "3", "--num-batches", "2", "--rounds", "2",
-                   "--variants", "default,low+oib+seg=1,infer,infer+cache,forces,forces+wgrad,ftrain+level=full",
+                   "--variants", "default,low+oib+seg=1,infer,infer+cache,forces,forces+wgrad,ftrain+level=full+nokeep",
                    "--out",
                    str(tmp_path), "--name", "t"])
     saved = json.loads((tmp_path / "t.json").read_text())
     assert [v["name"] for v in saved["variants"]] == ["default", "low+oib+seg=1", "infer", "infer+cache", "forces",
-                                                      "forces+wgrad", "ftrain+level=full"]
+                                                      "forces+wgrad", "ftrain+level=full+nokeep"]
     base, low, infer, cached, forces, wgrad, ftrain = saved["variants"]
     assert base["ratio"]["median"] == 1.0 and base["live_peak_ratio"] == 1.0
     for v in saved["variants"]:
@@ -85,6 +86,7 @@ def test_paired_run_writes_json_and_markdown(tmp_path, capsys):
     assert forces["variant"]["forces"] and wgrad["variant"]["weight_gradient"]
     from se3t.nn import fused as fused_module
     assert fused_module.SKIP_UNUSED_WEIGHT_GRADIENT  # restored after the 'wgrad' steps
+    assert fused_module.KEEP_LAYOUTS_MAX_EDGES > 0 and saved["variants"][-1]["variant"]["no_kept_layouts"]
     # a loss on forces keeps the first backward's graph for the second: more than a plain training step
     assert ftrain["variant"]["level"] == "FULL" and ftrain["live_peak_bytes"] > base["live_peak_bytes"]
     assert text.count("\n| `") == 7 and "| `low+oib+seg=1` |" in text
