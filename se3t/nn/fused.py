@@ -109,10 +109,13 @@ SKIP_UNUSED_WEIGHT_GRADIENT = True
 
 #: A call that records a graph on at most this many edges keeps its forward's laid-out weights for its own
 #: backward (held by the graph until then), instead of laying them out again there: at small batches laying
-#: out all of a conv's weights costs as much as the edge work (paper model: 35 MiB of weights over all convs,
-#: held through the step; batch 1 of QM9 has ~40 edges, batch 100 ~3,700). Not in blockwise (low-memory) runs,
-#: whose checkpoints would hold them for the whole step. 0: never (the reference; tests compare).
-KEEP_LAYOUTS_MAX_EDGES = 1024
+#: out all of a conv's weights costs as much as the edge work. Paper model, 2-core Zen 4, steps interleaved in one
+#: process (``python -m benchmarks.paired --variants nokeep,default`` and ``forces+nokeep,forces``): one molecule
+#: (36 edges) 0.91x the training step (live peak 53.7 -> 56.8 MiB) and 0.88x the forces call (9.9 -> 40.9 MiB:
+#: the weights, 31 MiB over all convs, held through it); ten molecules (356 edges) only 0.98x and 0.94x for
+#: +14 and +32 MiB, hence the bound. Not in blockwise (low-memory) runs, whose checkpoints would hold them for the
+#: whole step. 0: never (the reference; tests compare).
+KEEP_LAYOUTS_MAX_EDGES = 256
 
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
 PARALLEL_RANGES = True
