@@ -274,12 +274,21 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, values, order, monkeypat
     W = rnd(22 + 9, 4)
     rows = torch.randperm(W.shape[0], generator=g)  # any row order the conv asks for
     n = len(xs)
+    nodes_for_gg = [rnd(6, 2, 1), rnd(6, 3, 3)]
     assert torch.autograd.gradcheck(lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk),
                                     (h, W, *xs, *bts))
     # second derivatives (create_graph: a loss on forces) go through the kernel's differentiable reference, which
-    # does not depend on the tiling (checked once per order)
-    assert parallel or values is not None or torch.autograd.gradgradcheck(
-        lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk), (h, W, *xs, *bts))
+    # does not depend on the tiling (checked once per order): all edges at once, and in checkpointed chunks of 2
+    # edges (block 0's R has 2 * 11 values per edge; fast mode: a random projection of the second derivatives)
+    for chunk_values, fast in (((0, False), (44, True)) if not parallel and values is None else ()):
+        monkeypatch.setattr(fused, "DOUBLE_BACKWARD_CHUNK_VALUES", chunk_values)
+        assert torch.autograd.gradgradcheck(
+            lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk), (h, W, *xs, *bts),
+            fast_mode=fast)
+        assert torch.autograd.gradgradcheck(  # node-level inputs: their gradients summed over the chunks
+            lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk,
+                                  x_index=torch.tensor([3, 0, 3, 1, 4, 4, 0, 3, 1])), (h, W, *nodes_for_gg, *bts),
+            fast_mode=True)
     # node-level inputs read through an index (repeated and unused nodes): the kernel gathers and scatters back
     x_index = torch.tensor([3, 0, 3, 1, 4, 4, 0, 3, 1])
     nodes = [rnd(6, 2, 1), rnd(6, 3, 3)]
@@ -318,7 +327,9 @@ def test_fused_kernel_from_harmonics_gradcheck(parallel, order, monkeypatch):
     for x_index, inputs in ((None, xs), (torch.tensor([3, 0, 3, 1, 4, 4, 0, 3, 1]), [rnd(6, 2, 1), rnd(6, 3, 3)])):
         fn = (lambda h, W, sh, *x: fused_conv(h, W, rows, blocks, x, projections, chunk=1, x_index=x_index, sh=sh))
         assert torch.autograd.gradcheck(fn, (h, W, sh, *inputs))
-        assert parallel or torch.autograd.gradgradcheck(fn, (h, W, sh, *inputs))  # (as in the test above)
+        for chunk_values in ((0, 66) if not parallel else ()):  # as in the test above (chunks of 3 edges)
+            monkeypatch.setattr(fused, "DOUBLE_BACKWARD_CHUNK_VALUES", chunk_values)
+            assert torch.autograd.gradgradcheck(fn, (h, W, sh, *inputs), fast_mode=chunk_values > 0)
     with torch.no_grad():
         b0, b1 = sh @ projections[0], sh[:, :4] @ projections[1]
         bts = [b0[:, :3].reshape(E, 3, 1), b0[:, 3:].reshape(E, 9, 3), b1.reshape(E, 1, 3)]

@@ -259,13 +259,18 @@ def test_forces_equivariant(dtype, tol, fuse_level):
     assert_equivariant(forces, x, pos, e, output_degree=1, tolerance=tol, num_rotations=4)
 
 
-@pytest.mark.parametrize("fuse_level, low_memory", [("PARTIAL", False), ("FULL", False), ("EDGE_FRAME", False),
-                                                    ("EDGE_FRAME", True)])
-def test_force_training_matches_the_unfused_model(fuse_level, low_memory):
+@pytest.mark.parametrize("fuse_level, low_memory, chunk_values", [
+    ("PARTIAL", False, None), ("FULL", False, 0), ("FULL", False, 64), ("EDGE_FRAME", False, 0),
+    ("EDGE_FRAME", False, 64), ("EDGE_FRAME", True, 64)])
+def test_force_training_matches_the_unfused_model(fuse_level, low_memory, chunk_values, monkeypatch):
     """A loss on forces (``autograd.grad(energy, pos, create_graph=True)``, then ``backward``): the fused kernel's
-    backward is differentiated through its reference, so forces and parameter gradients equal the unfused path's
-    (NONE: plain autograd), low-memory checkpoints included; the parameters that train in the unfused model (all
-    but the last layer's self-interaction of degrees > 0: the output is invariant) train here too."""
+    backward is differentiated through its reference (all edges at once, or in checkpointed chunks of a few
+    edges), so forces and parameter gradients equal the unfused path's (NONE: plain autograd), low-memory
+    checkpoints included; the parameters that train in the unfused model (all but the last layer's
+    self-interaction of degrees > 0: the output is invariant) train here too."""
+    from se3t.nn import fused
+    if chunk_values is not None:
+        monkeypatch.setattr(fused, "DOUBLE_BACKWARD_CHUNK_VALUES", chunk_values)
     x, ei, pos, e, gi = make_inputs(num_nodes=10, num_graphs=2)
     ref = make_model(fuse_level="NONE", num_layers=2, return_type=0)
     results = []

@@ -43,13 +43,14 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Protoco
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
            "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES",
            "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD", "BLOCKWISE_BUDGET_DIVISOR",
-           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON", "SKIP_UNUSED_WEIGHT_GRADIENT", "KEEP_LAYOUTS_MAX_EDGES",
-           "cached_kernel_weights"]
+           "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON", "SKIP_UNUSED_WEIGHT_GRADIENT",
+           "KEEP_LAYOUTS_MAX_EDGES", "DOUBLE_BACKWARD_CHUNK_VALUES", "cached_kernel_weights"]
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
 #: Measured against 256 Ki on 2-core EPYC, same process, paper model: 0.95-0.96x the step time at 2 threads and
@@ -116,6 +117,11 @@ SKIP_UNUSED_WEIGHT_GRADIENT = True
 #: +14 and +32 MiB, hence the bound. Not in blockwise (low-memory) runs, whose checkpoints would hold them for the
 #: whole step. 0: never (the reference; tests compare).
 KEEP_LAYOUTS_MAX_EDGES = 256
+
+#: A backward with ``create_graph`` (training on forces) differentiates the plain-autograd form of the kernel in
+#: chunks of edges with at most this many kernel weights ``R`` per block, each chunk under a checkpoint (see
+#: :func:`_differentiable_backward`). 0: all edges at once, no checkpoint (the reference; tests compare).
+DOUBLE_BACKWARD_CHUNK_VALUES = 1 << 22
 
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
 PARALLEL_RANGES = True
@@ -437,7 +443,8 @@ def cached_kernel_weights(*modules: torch.nn.Module) -> Iterator[None]:
     an in-place op or ``param.data = ...`` lays them out afresh. Changes through ``param.data`` in place
     (``p.data.copy_(...)``, older EMA code) do not bump the version counter: do not make them inside the block.
     Training gains little inside the block (the backward reads the forward's layouts, but each optimizer step
-    makes the next call lay them out afresh) and holds the copy throughout. The PyTorch paths only (Triton kernels lay out theirs per call)::
+    makes the next call lay them out afresh) and holds the copy throughout. The PyTorch paths only (Triton
+    kernels lay out theirs per call)::
 
         with se3t.cached_kernel_weights(model), torch.inference_mode():
             for frame in trajectory:
@@ -562,25 +569,55 @@ def _reference_outputs(blocks: Sequence[BlockSpec], rows: Tensor, x_index: Optio
     return outs
 
 
-def _differentiable_backward(ctx, grad_outs: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tensor], ...]:
-    """Backward with ``create_graph``: the gradients of :func:`_reference_outputs`, themselves differentiable
-    (memory as the unfused path's: ``R`` of every edge is kept for the second backward)."""
-    rows, x_index, *inputs = ctx.saved_tensors
-    need = ctx.needs_input_grad[8:]
+def _reference_grads(blocks: Sequence[BlockSpec], rows: Tensor, x_index: Optional[Tensor],
+                     weight_map: Optional["WeightMap"], single_output: bool, num_x: int, with_sh: bool,
+                     need: Sequence[bool], inputs: Sequence[Optional[Tensor]],
+                     grad_outs: Sequence[Optional[Tensor]]) -> Tuple[Tensor, ...]:
+    """The gradients of :func:`_reference_outputs` (``inputs``: ``h, W, *xs, *bases``) for the inputs flagged in
+    ``need``, made with ``create_graph`` (zeros where an input is unused)."""
     with torch.enable_grad():
         # Fresh aliases: one input may depend on another (a layer's features on the harmonics that also make its
         # bases), and autograd.grad for the originals would add that path too (counted again by the outer backward).
         inputs = [t.view_as(t) if n else t for t, n in zip(inputs, need)]
         wanted = [t for t, n in zip(inputs, need) if n]
         h, W, *xs_bts = inputs
-        num_x = ctx.num_x
-        bases = (_Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if ctx.with_sh else _Bases(xs_bts[num_x:], None))
-        outs = _reference_outputs(ctx.blocks, rows, x_index, ctx.weight_map, ctx.single_output, h, W,
-                                  xs_bts[:num_x], bases)
+        bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
+        outs = _reference_outputs(blocks, rows, x_index, weight_map, single_output, h, W, xs_bts[:num_x], bases)
         pairs = [(o, g) for o, g in zip(outs, grad_outs) if g is not None]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                         create_graph=True, allow_unused=True))
-    return (None,) * 8 + tuple(next(grads) if n else None for n in need)
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                    allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, wanted))
+
+
+def _differentiable_backward(ctx, grad_outs: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tensor], ...]:
+    """Backward with ``create_graph``: the gradients of :func:`_reference_outputs`, themselves differentiable. In
+    chunks of edges (:data:`DOUBLE_BACKWARD_CHUNK_VALUES`), each under a non-reentrant checkpoint: the second
+    backward recomputes a chunk's gradients when it reaches them, so only one chunk's ``R`` and products exist
+    at a time, instead of every edge's for every conv kept from the first backward to the second."""
+    rows, x_index, *inputs = ctx.saved_tensors
+    need = ctx.needs_input_grad[8:]
+    num_x, with_sh, blocks = ctx.num_x, ctx.with_sh, ctx.blocks
+    args = (blocks, rows, x_index, ctx.weight_map, ctx.single_output, num_x, with_sh, need)
+    E = inputs[0].shape[0]
+    step = E if not DOUBLE_BACKWARD_CHUNK_VALUES else max(
+        1, DOUBLE_BACKWARD_CHUNK_VALUES // max(b.c_out * b.k_in for b in blocks))
+    if step >= E:
+        grads = iter(_reference_grads(*args, inputs, grad_outs))
+        return (None,) * 8 + tuple(next(grads) if n else None for n in need)
+    # per input: one row per edge (a chunk takes its rows; gradients are joined), or shared (gradients summed)
+    per_edge = [True, False] + [x_index is None] * num_x + (
+        [True] + [False] * (len(inputs) - 3 - num_x) if with_sh else [True] * (len(inputs) - 2 - num_x))
+    parts: List[Tuple[Tensor, ...]] = []
+    for lo in range(0, E, step):
+        hi = min(E, lo + step)
+        chunk = [t[lo:hi] if edge else t for t, edge in zip(inputs, per_edge)]
+        chunk_args = args[:2] + (None if x_index is None else x_index[lo:hi],) + args[3:]
+        parts.append(checkpoint(_reference_grads, *chunk_args, chunk, [None if g is None else g[lo:hi]
+                                                                    for g in grad_outs], use_reentrant=False))
+    edge_wanted = [edge for edge, n in zip(per_edge, need) if n]
+    joined = iter([torch.cat(gs) if edge else torch.stack(gs).sum(0)
+                   for edge, gs in zip(edge_wanted, zip(*parts))])
+    return (None,) * 8 + tuple(next(joined) if n else None for n in need)
 
 
 class _FusedConv(torch.autograd.Function):
