@@ -30,7 +30,8 @@ group, ``out = (h ⊗ tmp) @ W'`` with the block's weights reordered to ``W' [H*
 The reference path (:class:`se3t.nn.conv.ConvSE3` at ``FuseLevel.PARTIAL``/``NONE``) computes the same function
 with plain autograd; tests compare the two in forward and backward, and gradcheck this kernel. A backward with
 ``create_graph`` (training on forces) returns the gradients of a plain-autograd form of the same function
-(:func:`_reference_outputs`), so second derivatives exist, at the unfused path's memory.
+(:func:`_reference_outputs`), so second derivatives exist, made in checkpointed chunks of edges
+(:data:`DOUBLE_BACKWARD_CHUNK_VALUES`): the unfused path's memory for one chunk at a time.
 """
 from __future__ import annotations
 
@@ -545,7 +546,7 @@ def _triton_forward_step(b: BlockSpec, j: int, dims: List[int], Wj_t: Tensor, h:
 def _reference_outputs(blocks: Sequence[BlockSpec], rows: Tensor, x_index: Optional[Tensor],
                        weight_map: Optional["WeightMap"], single_output: bool, h: Tensor, W: Tensor,
                        xs: Sequence[Tensor], bases: _Bases) -> List[Tensor]:
-    """The kernel's outputs made with plain differentiable ops over all edges at once (``R`` and ``tmp`` of every
+    """The kernel's outputs made with plain differentiable ops over the edges given (``R`` and ``tmp`` of every
     block materialised): the function :class:`_FusedConv` computes, for its double backward (``create_graph``:
     force training), where the chunked kernels' ``out=`` buffers cannot be differentiated."""
     E, H = h.shape
@@ -626,8 +627,8 @@ class _FusedConv(torch.autograd.Function):
     # for R to stay in cache run the wide GEMMs (measured on 2-core EPYC: 50-70 GFLOP/s with R <= 2 MiB, 27-30
     # with 8 MiB), each tile's weights serving the whole group (see _tiling).
     @staticmethod
-    def forward(ctx, schedule: Tuple[Optional[int], bool, Optional[dict]], blocks: Tuple[BlockSpec, ...], num_x: int,
-                rows: Tensor, x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"],
+    def forward(ctx, schedule: Tuple[Optional[int], bool, Optional[dict], bool], blocks: Tuple[BlockSpec, ...],
+                num_x: int, rows: Tensor, x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"],
                 single_output: bool, h: Tensor, W: Tensor, *xs_bts: Tensor):
         """``schedule``: ``(chunk, blockwise)`` of :func:`fused_conv`, the laid-out block weights to reuse and
         fill (:func:`_cached_layouts`, or this call's own; None: lay them out here), and whether they are this
