@@ -58,6 +58,31 @@ def test_padding_content_does_not_change_real_outputs(model, small_qm9, buckets)
     torch.testing.assert_close(looped, real, atol=1e-5, rtol=1e-5)
 
 
+def test_forces_in_padded_batches(small_qm9, buckets):
+    """Forces on a padded batch (the default EDGE_FRAME level: through the frames): FULL's on the real atoms,
+    unchanged by the padding's content, zero on padding atoms. Average pooling: the max over nodes has no
+    gradient where symmetric atoms tie (rounding then picks the atom that gets it)."""
+    torch.manual_seed(0)
+    model = se3t.SE3TransformerPooled(
+        fiber_in=se3t.Fiber({0: 6}), fiber_out=se3t.Fiber({0: 8}), fiber_edge=se3t.Fiber({0: 4}),
+        num_degrees=2, num_channels=4, output_dim=1, num_layers=1, num_heads=2, channels_div=2, pooling="avg",
+    ).eval()  # fmt: skip
+    batch = collate([small_qm9[i] for i in range(10, 21)], buckets)
+    n = batch.num_real_nodes
+
+    def forces(b, level):
+        model.set_fuse_level(level)
+        inputs = b.model_inputs()
+        pos = inputs["pos"].clone().requires_grad_(True)
+        return torch.autograd.grad(model(**dict(inputs, pos=pos))[b.graph_mask].sum(), pos)[0]
+
+    frame, full, garbage = forces(batch, "EDGE_FRAME"), forces(batch, "FULL"), forces(_garbage(batch, 3), "EDGE_FRAME")
+    assert frame[:n].abs().max() > 0 and torch.isfinite(frame).all()
+    torch.testing.assert_close(frame[:n], full[:n], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(garbage[:n], frame[:n], atol=1e-6, rtol=1e-4)
+    assert frame[n:].abs().max() == 0 and garbage[n:].abs().max() == 0
+
+
 @torch.no_grad()
 def test_batched_equals_one_by_one(model, small_qm9, buckets):
     records = [small_qm9[i] for i in range(100, 116)]
