@@ -25,9 +25,10 @@ of the angles, which has none on the polar axis (:class:`_FrameRotations`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from e3nn import o3
@@ -94,6 +95,17 @@ def _trig(theta: Tensor, l: int) -> Tensor:
     return torch.cat([torch.ones_like(theta)[..., None], mt.cos(), mt.sin()], dim=-1)
 
 
+@contextlib.contextmanager
+def _float64_default() -> Iterator[None]:
+    """e3nn builds its generators (and so its Wigner matrices) in the default dtype: float64 within."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @functools.lru_cache(maxsize=None)
 def _rotation_terms(l: int, axis: int) -> Tensor:
     """``[2l+1, (2l+1)**2]``: a rotation by ``θ`` about e3nn's y (``axis=0``) or x (``axis=1``) axis in degree
@@ -101,58 +113,39 @@ def _rotation_terms(l: int, axis: int) -> Tensor:
     from e3nn's Wigner matrices at ``2l+1`` angles, where these functions are independent."""
     theta = torch.arange(2 * l + 1, dtype=torch.float64) * (2 * math.pi / (2 * l + 1))
     zero = torch.zeros_like(theta)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # e3nn builds its generators in the default dtype
-    try:
+    with _float64_default():
         D = o3.wigner_D(l, theta, zero, zero) if axis == 0 else o3.wigner_D(l, zero, theta, zero)
-    finally:
-        torch.set_default_dtype(previous)
     return torch.linalg.solve(_trig(theta, l), D.reshape(2 * l + 1, -1))
-
-
-_rotation_terms_on: Dict[Tuple[int, int, torch.dtype, torch.device], Tensor] = {}
-
-
-def _rotation_terms_like(l: int, axis: int, like: Tensor) -> Tensor:
-    """:func:`_rotation_terms` in ``like``'s dtype and device, copied there once (no host-to-device copy per call,
-    which CUDA graph capture would refuse)."""
-    key = (l, axis, like.dtype, like.device)
-    if key not in _rotation_terms_on:
-        with torch.inference_mode(False):
-            _rotation_terms_on[key] = _rotation_terms(l, axis).to(like.device, like.dtype)
-    return _rotation_terms_on[key]
 
 
 @functools.lru_cache(maxsize=None)
 def _generators(l: int) -> Tensor:
-    """``[3, 2l+1, 2l+1]`` (float64): e3nn's generators of degree ``l`` about x, y, z: ``D_l(exp(t K_k)) =
-    exp(t X_lk)`` for the rotation ``exp(t K_k)`` about axis ``k`` (``K_k v = e_k × v``)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # e3nn builds its generators in the default dtype
-    try:
-        return o3.so3_generators(l).clone()
-    finally:
-        torch.set_default_dtype(previous)
+    """``[(2l+1)**2, 3]`` (float64): e3nn's generators ``X_lk`` of degree ``l`` about x, y, z, flattened (one
+    column each): ``D_l(exp(t K_k)) = exp(t X_lk)`` for the rotation ``exp(t K_k)`` about axis ``k``
+    (``K_k v = e_k × v``)."""
+    with _float64_default():
+        return o3.so3_generators(l).reshape(3, -1).t().contiguous()
 
 
-_generators_on: Dict[Tuple[int, torch.dtype, torch.device], Tensor] = {}
+_constants_on: Dict[Tuple[Callable[..., Tensor], tuple, torch.dtype, torch.device], Tensor] = {}
 
 
-def _generators_like(l: int, like: Tensor) -> Tensor:
-    """:func:`_generators` flattened to ``[(2l+1)**2, 3]``, in ``like``'s dtype and device (copied there once)."""
-    key = (l, like.dtype, like.device)
-    if key not in _generators_on:
+def _constant_like(make: Callable[..., Tensor], args: tuple, like: Tensor) -> Tensor:
+    """``make(*args)`` (a float64 constant) in ``like``'s dtype and device, copied there once (no host-to-device
+    copy per call, which CUDA graph capture would refuse)."""
+    key = (make, args, like.dtype, like.device)
+    if key not in _constants_on:
         with torch.inference_mode(False):
-            _generators_on[key] = _generators(l).reshape(3, -1).t().contiguous().to(like.device, like.dtype)
-    return _generators_on[key]
+            _constants_on[key] = make(*args).to(like.device, like.dtype)
+    return _constants_on[key]
 
 
 def _wigner(l: int, alpha: Tensor, beta: Tensor) -> Tensor:
     """e3nn's ``wigner_D(l, alpha, beta, 0)`` (``[E, 2l+1, 2l+1]``, in the angles' dtype) without its matrix
     exponentials."""
     L = 2 * l + 1
-    about_y = (_trig(alpha, l) @ _rotation_terms_like(l, 0, alpha)).view(-1, L, L)
-    about_x = (_trig(beta, l) @ _rotation_terms_like(l, 1, alpha)).view(-1, L, L)
+    about_y = (_trig(alpha, l) @ _constant_like(_rotation_terms, (l, 0), alpha)).view(-1, L, L)
+    about_x = (_trig(beta, l) @ _constant_like(_rotation_terms, (l, 1), alpha)).view(-1, L, L)
     return torch.bmm(about_y, about_x)
 
 
@@ -186,7 +179,7 @@ class _FrameRotations(torch.autograd.Function):
                 continue
             L = 2 * l + 1
             G = torch.bmm(grads[l], rot[l].transpose(1, 2)).reshape(unit.shape[0], L * L)  # G_l F_l^T
-            part = G @ _generators_like(l, G)
+            part = G @ _constant_like(_generators, (l,), G)
             torque = part if torque is None else torque + part
         if torque is None:
             return None, None
