@@ -17,8 +17,8 @@ executed as two batched matmuls, ``tmp = x @ B`` then ``out = R @ tmp``. Two ind
   inputs are rotated so the edge points along the polar axis, where the kernel only couples components
   ``±m``, and the outputs rotated back: no basis at all and about a third of the contraction's FLOPs. Edges
   without a frame (zero-length) take the ``FULL`` path; position gradients (forces) flow through the frames.
-  A level is "the most
-  fusion allowed": parts whose radial weights live in different MLPs are contracted separately.
+  A level is "the most fusion allowed": parts whose radial weights live in different MLPs are contracted
+  separately.
 
 Layout of a radial MLP's output, per edge: for each of its output degrees (ascending), a row-major block
 ``[C_out, K_in]`` where ``K_in`` runs over its input degrees (ascending), then input channels, then
