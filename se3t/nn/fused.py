@@ -616,8 +616,8 @@ def _differentiable_backward(ctx, grad_outs: Sequence[Optional[Tensor]]) -> Tupl
         parts.append(checkpoint(_reference_grads, *chunk_args, chunk, [None if g is None else g[lo:hi]
                                                                     for g in grad_outs], use_reentrant=False))
     edge_wanted = [edge for edge, n in zip(per_edge, need) if n]
-    joined = iter([torch.cat(gs) if edge else torch.stack(gs).sum(0)
-                   for edge, gs in zip(edge_wanted, zip(*parts))])
+    # shared inputs' gradients summed one chunk at a time (a stack of them all would hold one per chunk at once)
+    joined = iter([torch.cat(gs) if edge else sum(gs[1:], gs[0]) for edge, gs in zip(edge_wanted, zip(*parts))])
     return (None,) * 8 + tuple(next(joined) if n else None for n in need)
 
 
