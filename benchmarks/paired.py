@@ -24,9 +24,10 @@ measure). A variant is a ``+``-joined set of flags (``default``: none of them):
   reference);
 * ``ftrain``: a training step on forces: the L1 loss of the energies plus the mean square of the real atoms'
   forces (QM9's geometries are relaxed: zero is their target), the forces by ``torch.autograd.grad(...,
-  create_graph=True)``, then backward and AdamW (second derivatives through the fused kernel's plain-autograd
-  form); ``unchunked``: with ``ftrain``, that form over all edges at once instead of in checkpointed chunks
-  (``se3t.nn.fused.DOUBLE_BACKWARD_CHUNK_VALUES`` set to 0, the reference);
+  create_graph=True)``, then backward and AdamW (second derivatives through fused calls); ``refdouble``: with
+  ``ftrain``, second derivatives through the kernel's plain-autograd form in checkpointed chunks of edges
+  (``se3t.nn.fused.FUSED_DOUBLE_BACKWARD`` off, the reference); ``unchunked``: that form over all edges at once
+  (``DOUBLE_BACKWARD_CHUNK_VALUES`` set to 0 as well);
 * ``nokeep``: calls on few edges lay their weights out again in backward (``se3t.nn.fused.KEEP_LAYOUTS_MAX_EDGES``
   set to 0, the reference, during this variant's steps);
 * ``cache``: with ``infer`` or ``forces``, inside ``se3t.cached_kernel_weights(model)`` (the kernel weights laid
@@ -84,14 +85,15 @@ class Variant(NamedTuple):
     weight_gradient: bool = False  # forces with the fused kernel's weight gradient made anyway (the reference)
     force_training: bool = False   # a training step with a loss on forces (create_graph)
     no_kept_layouts: bool = False  # se3t.nn.fused.KEEP_LAYOUTS_MAX_EDGES = 0 (the reference)
-    unchunked: bool = False        # ftrain with se3t.nn.fused.DOUBLE_BACKWARD_CHUNK_VALUES = 0 (the reference)
+    reference_double: bool = False  # ftrain with se3t.nn.fused.FUSED_DOUBLE_BACKWARD = False (the reference)
+    unchunked: bool = False        # ... and DOUBLE_BACKWARD_CHUNK_VALUES = 0 (all edges at once)
     level: str = ""             # fusion level; "": the run's
 
 
 #: flag -> Variant field, for the flags that switch a field on
 _SWITCHES = {"low": "low_memory", "oib": "optimizer_in_backward", "infer": "infer", "cache": "cache",
              "forces": "forces", "wgrad": "weight_gradient", "ftrain": "force_training",
-             "nokeep": "no_kept_layouts", "unchunked": "unchunked"}
+             "nokeep": "no_kept_layouts", "refdouble": "reference_double", "unchunked": "unchunked"}
 
 
 def parse_variant(text: str) -> Variant:
@@ -119,6 +121,8 @@ def parse_variant(text: str) -> Variant:
         elif flag != "default":
             raise ValueError(f"variant {text!r}: unknown flag {flag!r} (known: default, {', '.join(_SWITCHES)}, "
                              "seg=N, level=NAME)")
+    if fields.get("unchunked"):
+        fields["reference_double"] = True
     v = Variant(text.strip(), **fields)
     if v.segment and not v.low_memory:
         raise ValueError(f"variant {text!r}: seg=N applies to low_memory only; add 'low'")
@@ -130,8 +134,8 @@ def parse_variant(text: str) -> Variant:
     if v.force_training and (v.infer or v.forces or v.optimizer_in_backward):
         raise ValueError(f"variant {text!r}: 'ftrain' is a training step of its own; it takes 'low', 'seg=N' and "
                          "'level=NAME' only")
-    if v.unchunked and not v.force_training:
-        raise ValueError(f"variant {text!r}: 'unchunked' applies to 'ftrain' only")
+    if v.reference_double and not v.force_training:
+        raise ValueError(f"variant {text!r}: 'refdouble' and 'unchunked' apply to 'ftrain' only")
     if v.cache and not (v.infer or v.forces):
         raise ValueError(f"variant {text!r}: 'cache' applies to 'infer' and 'forces' only")
     if v.weight_gradient and not v.forces:
@@ -218,13 +222,15 @@ def _variant_step(variant: Variant, config: dict, level: str, batches: List[dict
 
 
 def _with_kernel_settings(variant: Variant, step: Callable[[int], None]) -> Callable[[int], None]:
-    """``step`` with the fused kernel's switches the variant asks for (``wgrad``, ``nokeep``, ``unchunked``) set
-    during each of its steps only (the variants' steps are interleaved)."""
+    """``step`` with the fused kernel's switches the variant asks for (``wgrad``, ``nokeep``, ``refdouble``,
+    ``unchunked``) set during each of its steps only (the variants' steps are interleaved)."""
     settings = {}
     if variant.weight_gradient:
         settings["SKIP_UNUSED_WEIGHT_GRADIENT"] = False
     if variant.no_kept_layouts:
         settings["KEEP_LAYOUTS_MAX_EDGES"] = 0
+    if variant.reference_double:
+        settings["FUSED_DOUBLE_BACKWARD"] = False
     if variant.unchunked:
         settings["DOUBLE_BACKWARD_CHUNK_VALUES"] = 0
     if not settings:

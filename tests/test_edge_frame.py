@@ -163,7 +163,8 @@ def test_edge_frame_equals_full_and_none_forward_and_backward(radial, edge_fiber
 
 
 def test_edge_frame_gradcheck():
-    """Numerical gradients of the edge-frame conv: node features, radial inputs and the radial last layer."""
+    """Numerical gradients of the edge-frame conv: node features, radial inputs and the radial last layer, and of
+    its gradients."""
     fiber_in = Fiber({0: 2, 1: 1, 2: 1})
     layer = ConvSE3(fiber_in, Fiber({0: 1, 1: 2, 2: 1}), Fiber({0: 1}), fuse_level="EDGE_FRAME").double()
     pos, ei, _ = random_graph(6, dtype=torch.float64)
@@ -181,6 +182,9 @@ def test_edge_frame_gradcheck():
 
     args = [t.clone().requires_grad_() for t in (x[0], x[1], x[2], radial_in, layer.radial[0].last.weight.detach())]
     assert torch.autograd.gradcheck(fn, args, atol=1e-7)
+    # second derivatives through the fused calls, the mapped weights' group included (fast mode: a random
+    # projection of the second derivatives)
+    assert torch.autograd.gradgradcheck(fn, args, atol=1e-7, fast_mode=True)
 
 
 def _polar_graph(num_nodes=9):

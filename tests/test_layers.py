@@ -277,10 +277,19 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, values, order, monkeypat
     nodes_for_gg = [rnd(6, 2, 1), rnd(6, 3, 3)]
     assert torch.autograd.gradcheck(lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk),
                                     (h, W, *xs, *bts))
-    # second derivatives (create_graph: a loss on forces) go through the kernel's differentiable reference, which
-    # does not depend on the tiling (checked once per order): all edges at once, and in checkpointed chunks of 2
-    # edges (block 0's R has 2 * 11 values per edge; fast mode: a random projection of the second derivatives)
+    # second derivatives (create_graph: a loss on forces): fused calls again (_FusedConvVJP), so with this tiling
+    # and these threads (fast mode, a random projection of the second derivatives, except on the calling thread
+    # with whole tiles); then the differentiable reference, which does not depend on the tiling (checked once per
+    # order): all edges at once, and in checkpointed chunks of 2 edges (block 0's R has 2 * 11 values per edge)
+    assert torch.autograd.gradgradcheck(
+        lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk), (h, W, *xs, *bts),
+        fast_mode=parallel or values is not None)
+    assert torch.autograd.gradgradcheck(
+        lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk,
+                              x_index=torch.tensor([3, 0, 3, 1, 4, 4, 0, 3, 1])), (h, W, *nodes_for_gg, *bts),
+        fast_mode=True)
     for chunk_values, fast in (((0, False), (44, True)) if not parallel and values is None else ()):
+        monkeypatch.setattr(fused, "FUSED_DOUBLE_BACKWARD", False)
         monkeypatch.setattr(fused, "DOUBLE_BACKWARD_CHUNK_VALUES", chunk_values)
         assert torch.autograd.gradgradcheck(
             lambda *a: fused_conv(a[0], a[1], rows, blocks, a[2:2 + n], a[2 + n:], chunk=chunk), (h, W, *xs, *bts),
@@ -298,6 +307,38 @@ def test_fused_kernel_gradcheck(parallel, chunk, group, values, order, monkeypat
         ref = fused_conv(h, W, rows, blocks, [v[x_index] for v in nodes], bts, chunk=chunk)
         out = fused_conv(h, W, rows, blocks, nodes, bts, chunk=chunk, x_index=x_index)
     assert all(torch.equal(a, b) for a, b in zip(ref, out))
+
+
+@pytest.mark.parametrize("order", KERNEL_ORDERS)
+def test_fused_kernel_second_derivatives_are_differentiable(order, monkeypatch):
+    """The fused second derivatives are fused calls again: the gradients of a gradient (the kernel's third
+    derivatives) pass gradgradcheck too, and the second derivatives equal the reference's."""
+    from se3t.nn import fused
+    from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
+    set_kernel_order(monkeypatch, order)
+    monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    E, g = 5, torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g).requires_grad_(True)  # noqa: E731
+    blocks = [BlockSpec(0, 2, 3, 11, (PartSpec(0, 0, 0, 1, 2), PartSpec(1, 1, 2, 3, 3))),
+              BlockSpec(22, 3, 1, 3, (PartSpec(1, 2, 0, 1, 3),))]
+    rows = torch.randperm(31, generator=g)
+    inputs = (rnd(E, 4), rnd(31, 4), rnd(E, 2, 1), rnd(E, 3, 3), rnd(E, 3, 1), rnd(E, 9, 3), rnd(E, 1, 3))
+    cotangents = [torch.randn(E, 3, 2, dtype=torch.float64, generator=g),
+                  torch.randn(E, 1, 3, dtype=torch.float64, generator=g)]
+
+    def gradient(*a):  # the kernel's gradients for fixed output gradients, as a function of its inputs
+        outs = fused_conv(a[0], a[1], rows, blocks, a[2:4], a[4:], chunk=2)
+        return torch.autograd.grad(outs, a, cotangents, create_graph=True)
+
+    assert torch.autograd.gradgradcheck(gradient, inputs, fast_mode=True)
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in inputs]
+    second = []
+    for fused_double in (True, False):
+        monkeypatch.setattr(fused, "FUSED_DOUBLE_BACKWARD", fused_double)
+        first = gradient(*inputs)
+        second.append(torch.autograd.grad(sum((f * w).sum() for f, w in zip(first, weights)), inputs))
+    for a, b in zip(*second):
+        assert a.abs().max() > 0 and torch.allclose(a, b, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
@@ -327,9 +368,12 @@ def test_fused_kernel_from_harmonics_gradcheck(parallel, order, monkeypatch):
     for x_index, inputs in ((None, xs), (torch.tensor([3, 0, 3, 1, 4, 4, 0, 3, 1]), [rnd(6, 2, 1), rnd(6, 3, 3)])):
         fn = (lambda h, W, sh, *x: fused_conv(h, W, rows, blocks, x, projections, chunk=1, x_index=x_index, sh=sh))
         assert torch.autograd.gradcheck(fn, (h, W, sh, *inputs))
-        for chunk_values in ((0, 66) if not parallel else ()):  # as in the test above (chunks of 3 edges)
+        assert torch.autograd.gradgradcheck(fn, (h, W, sh, *inputs), fast_mode=parallel)  # fused
+        for chunk_values in ((0, 66) if not parallel else ()):  # the reference, as in the test above (chunks of 3)
+            monkeypatch.setattr(fused, "FUSED_DOUBLE_BACKWARD", False)
             monkeypatch.setattr(fused, "DOUBLE_BACKWARD_CHUNK_VALUES", chunk_values)
             assert torch.autograd.gradgradcheck(fn, (h, W, sh, *inputs), fast_mode=chunk_values > 0)
+        monkeypatch.setattr(fused, "FUSED_DOUBLE_BACKWARD", True)
     with torch.no_grad():
         b0, b1 = sh @ projections[0], sh[:, :4] @ projections[1]
         bts = [b0[:, :3].reshape(E, 3, 1), b0[:, 3:].reshape(E, 9, 3), b1.reshape(E, 1, 3)]

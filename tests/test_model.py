@@ -260,16 +260,18 @@ def test_forces_equivariant(dtype, tol, fuse_level):
 
 
 @pytest.mark.parametrize("fuse_level, low_memory, chunk_values", [
-    ("PARTIAL", False, None), ("FULL", False, 0), ("FULL", False, 64), ("EDGE_FRAME", False, 0),
-    ("EDGE_FRAME", False, 64), ("EDGE_FRAME", True, 64)])
+    ("PARTIAL", False, None), ("FULL", False, None), ("FULL", False, 0), ("FULL", False, 64),
+    ("EDGE_FRAME", False, None), ("EDGE_FRAME", False, 0), ("EDGE_FRAME", False, 64), ("EDGE_FRAME", True, None),
+    ("EDGE_FRAME", True, 64)])
 def test_force_training_matches_the_unfused_model(fuse_level, low_memory, chunk_values, monkeypatch):
     """A loss on forces (``autograd.grad(energy, pos, create_graph=True)``, then ``backward``): the fused kernel's
-    backward is differentiated through its reference (all edges at once, or in checkpointed chunks of a few
-    edges), so forces and parameter gradients equal the unfused path's (NONE: plain autograd), low-memory
-    checkpoints included; the parameters that train in the unfused model (all but the last layer's
-    self-interaction of degrees > 0: the output is invariant) train here too."""
+    second derivatives are fused calls (``chunk_values`` None) or its reference's (all edges at once, or in
+    checkpointed chunks of a few edges), so forces and parameter gradients equal the unfused path's (NONE: plain
+    autograd), low-memory checkpoints included; the parameters that train in the unfused model (all but the last
+    layer's self-interaction of degrees > 0: the output is invariant) train here too."""
     from se3t.nn import fused
     if chunk_values is not None:
+        monkeypatch.setattr(fused, "FUSED_DOUBLE_BACKWARD", False)
         monkeypatch.setattr(fused, "DOUBLE_BACKWARD_CHUNK_VALUES", chunk_values)
     x, ei, pos, e, gi = make_inputs(num_nodes=10, num_graphs=2)
     ref = make_model(fuse_level="NONE", num_layers=2, return_type=0)

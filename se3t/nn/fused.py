@@ -29,9 +29,10 @@ group, ``out = (h ⊗ tmp) @ W'`` with the block's weights reordered to ``W' [H*
 
 The reference path (:class:`se3t.nn.conv.ConvSE3` at ``FuseLevel.PARTIAL``/``NONE``) computes the same function
 with plain autograd; tests compare the two in forward and backward, and gradcheck this kernel. A backward with
-``create_graph`` (training on forces) returns the gradients of a plain-autograd form of the same function
-(:func:`_reference_outputs`), so second derivatives exist, made in checkpointed chunks of edges
-(:data:`DOUBLE_BACKWARD_CHUNK_VALUES`): the unfused path's memory for one chunk at a time.
+``create_graph`` (training on forces) returns the fused backward's results as a function whose gradients are
+fused calls again (:class:`_FusedConvVJP`: the kernel is linear in each group of inputs), so second derivatives
+store nothing per edge either; :data:`FUSED_DOUBLE_BACKWARD` ``= False`` differentiates a plain-autograd form of
+the same function instead (:func:`_reference_outputs`, in checkpointed chunks of edges: the reference).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ __all__ = ["fused_conv", "BlockSpec", "PartSpec", "WeightMap", "CHUNK_VALUES",
            "CHUNK_VALUES_ACCELERATOR", "GROUP_EDGES", "GROUP_EDGES_16BIT", "CHUNK_VALUES_16BIT", "PARALLEL_RANGES",
            "PARALLEL_MIN_VALUES", "UNITS_PER_THREAD", "BLOCKWISE_BUDGET_DIVISOR",
            "ONE_ROW_OUTER", "ONE_ROW_OUTER_MIN_RATIO", "TRITON", "SKIP_UNUSED_WEIGHT_GRADIENT",
-           "KEEP_LAYOUTS_MAX_EDGES", "DOUBLE_BACKWARD_CHUNK_VALUES", "cached_kernel_weights"]
+           "KEEP_LAYOUTS_MAX_EDGES", "FUSED_DOUBLE_BACKWARD", "DOUBLE_BACKWARD_CHUNK_VALUES", "cached_kernel_weights"]
 
 #: CPU budget of kernel-weight values per tile buffer (512 Ki values = 2 MiB in fp32): a tile of R stays in cache.
 #: Measured against 256 Ki on 2-core EPYC, same process, paper model: 0.95-0.96x the step time at 2 threads and
@@ -119,9 +120,12 @@ SKIP_UNUSED_WEIGHT_GRADIENT = True
 #: whole step. 0: never (the reference; tests compare).
 KEEP_LAYOUTS_MAX_EDGES = 256
 
-#: A backward with ``create_graph`` (training on forces) differentiates the plain-autograd form of the kernel in
-#: chunks of edges with at most this many kernel weights ``R`` per block, each chunk under a checkpoint (see
-#: :func:`_differentiable_backward`). 0: all edges at once, no checkpoint (the reference; tests compare).
+#: A backward with ``create_graph`` (training on forces) returns the fused backward's gradients as a function
+#: whose own gradients are fused calls again (:class:`_FusedConvVJP`). ``False``: the gradients of the kernel's
+#: plain-autograd form instead (:func:`_differentiable_backward`, the reference; tests compare).
+FUSED_DOUBLE_BACKWARD = True
+#: The reference's chunks (``FUSED_DOUBLE_BACKWARD = False``): at most this many kernel weights ``R`` per block
+#: and chunk of edges, each chunk under a checkpoint. 0: all edges at once, no checkpoint.
 DOUBLE_BACKWARD_CHUNK_VALUES = 1 << 22
 
 #: On CPU, split the edges over one worker thread per intra-op thread (see ``_run_ranges``).
@@ -590,21 +594,21 @@ def _reference_grads(blocks: Sequence[BlockSpec], rows: Tensor, x_index: Optiona
     return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, wanted))
 
 
-def _differentiable_backward(ctx, grad_outs: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tensor], ...]:
-    """Backward with ``create_graph``: the gradients of :func:`_reference_outputs`, themselves differentiable. In
-    chunks of edges (:data:`DOUBLE_BACKWARD_CHUNK_VALUES`), each under a non-reentrant checkpoint: the second
-    backward recomputes a chunk's gradients when it reaches them, so only one chunk's ``R`` and products exist
-    at a time, instead of every edge's for every conv kept from the first backward to the second."""
-    rows, x_index, *inputs = ctx.saved_tensors
-    need = ctx.needs_input_grad[8:]
-    num_x, with_sh, blocks = ctx.num_x, ctx.with_sh, ctx.blocks
-    args = (blocks, rows, x_index, ctx.weight_map, ctx.single_output, num_x, with_sh, need)
+def _differentiable_backward(call: _Call, inputs: Sequence[Tensor], grad_outs: Sequence[Optional[Tensor]],
+                             need: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+    """The reference backward with ``create_graph`` (:data:`FUSED_DOUBLE_BACKWARD` ``= False``): the gradients of
+    :func:`_reference_outputs` for the ``inputs`` flagged in ``need``, themselves differentiable. In chunks of
+    edges (:data:`DOUBLE_BACKWARD_CHUNK_VALUES`), each under a non-reentrant checkpoint: the second backward
+    recomputes a chunk's gradients when it reaches them, so only one chunk's ``R`` and products exist at a time,
+    instead of every edge's for every conv kept from the first backward to the second."""
+    blocks, num_x, rows, x_index, with_sh = call.blocks, call.num_x, call.rows, call.x_index, call.with_sh
+    args = (blocks, rows, x_index, call.weight_map, call.single_output, num_x, with_sh, need)
     E = inputs[0].shape[0]
     step = E if not DOUBLE_BACKWARD_CHUNK_VALUES else max(
         1, DOUBLE_BACKWARD_CHUNK_VALUES // max(b.c_out * b.k_in for b in blocks))
     if step >= E:
         grads = iter(_reference_grads(*args, inputs, grad_outs))
-        return (None,) * 8 + tuple(next(grads) if n else None for n in need)
+        return tuple(next(grads) if n else None for n in need)
     # per input: one row per edge (a chunk takes its rows; gradients are joined), or shared (gradients summed)
     per_edge = [True, False] + [x_index is None] * num_x + (
         [True] + [False] * (len(inputs) - 3 - num_x) if with_sh else [True] * (len(inputs) - 2 - num_x))
@@ -618,14 +622,372 @@ def _differentiable_backward(ctx, grad_outs: Sequence[Optional[Tensor]]) -> Tupl
     edge_wanted = [edge for edge, n in zip(per_edge, need) if n]
     # shared inputs' gradients summed one chunk at a time (a stack of them all would hold one per chunk at once)
     joined = iter([torch.cat(gs) if edge else sum(gs[1:], gs[0]) for edge, gs in zip(edge_wanted, zip(*parts))])
-    return (None,) * 8 + tuple(next(joined) if n else None for n in need)
+    return tuple(next(joined) if n else None for n in need)
 
 
-class _FusedConv(torch.autograd.Function):
+class _Call(NamedTuple):
+    """A fused call's arguments besides its differentiable tensors (see :func:`fused_conv`)."""
+
+    chunk: Optional[int]
+    blockwise: bool
+    blocks: Tuple[BlockSpec, ...]
+    num_x: int
+    rows: Tensor
+    x_index: Optional[Tensor]
+    with_sh: bool
+    weight_map: Optional["WeightMap"]
+    single_output: bool
+
+
+def _kernel_forward(call: _Call, layouts: Optional[Dict[Tuple[int, object], Tensor]], h: Tensor, W: Tensor,
+                    xs_bts: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """The fused forward (see the module docstring): each block's ``[E, K, C_out]``, or (``single_output``) one
+    tensor with them side by side. ``layouts``: the laid-out block weights to reuse and fill (None: lay them out
+    for this call only)."""
     # Per edge range, a "group" of edges shares one build of tmp (and, in backward, of the gradient of tmp and its
     # per-part scatter to grad_x), amortising those small ops; within it, tiles of output channels small enough
     # for R to stay in cache run the wide GEMMs (measured on 2-core EPYC: 50-70 GFLOP/s with R <= 2 MiB, 27-30
     # with 8 MiB), each tile's weights serving the whole group (see _tiling).
+    chunk, blockwise, blocks, num_x, rows, x_index, with_sh, weight_map, single_output = call
+    xs = xs_bts[:num_x]
+    bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
+    cast = bases.sh is not None and bases.sh.dtype != h.dtype
+    E, H = h.shape
+    outs = []
+    # one [E, sum_j K_j*C_out_j] tensor with each block's output a strided view, or one tensor per block
+    buf = h.new_empty(E, sum(b.K * b.c_out for b in blocks)) if single_output else None
+    col = 0
+    steps = []  # blocks not yet run: (range function, buffers, edges per group, kernel weights over all edges)
+
+    def hand_off() -> None:
+        """Run the blocks in ``steps`` over all edges: each edge range goes through all of them, on one worker
+        thread. One hand-off for all blocks: each hand-off right after the calling thread's own parallel ops
+        finds its OpenMP worker still spinning (GNU OpenMP: several ms), which slows the workers down; and each
+        range's inputs serve every block while in cache (measured on a 2-core Xeon, QM9 paper model: ~10 %
+        of the step). (``blockwise`` applies to backward only: see :func:`fused_conv`.)"""
+        _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps], lambda _: None,
+                    E, max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
+        steps.clear()
+
+    triton = _use_triton(h)
+    for j, b in enumerate(blocks):
+        if buf is None:
+            out = h.new_empty(E, b.K, b.c_out)
+        else:
+            out = buf[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out)
+            col += b.K * b.c_out
+        dims = [xs[p.x].shape[2] for p in b.parts]
+        if triton:
+            Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
+            steps.append(_triton_forward_step(b, j, dims, Wj_t, h, xs, x_index, bases, cast, out, E))
+            outs.append(out)
+            continue
+        outer = _use_outer(b, H)
+        Wj_t = W_outer = None
+        layout = None if layouts is None else layouts.get((j, outer))
+        if layout is None:
+            Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
+            # outer: W' [(k, i), o] = W_j[(o, i), k]; else [H, C_out*K_in]: R's GEMM reads a column slice
+            # (measured on Xeon: ~12 % faster than from the transposed rows)
+            layout = (Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out) if outer
+                      else Wj_t.contiguous())
+            if layouts is not None:
+                layouts[(j, outer)] = layout
+        if outer:  # each step of edges is one group
+            group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
+            W_outer = layout
+        else:
+            group, tile = _tiling(chunk, b, E, h.device, h.dtype)
+            Wj_t = layout
+        layout = None
+        # output through a buffer when the GEMM's destination would be strided (a tile of channels, or a view of
+        # the one output): a GEMM into a strided view goes through a temporary anyway
+        staged = single_output or tile < b.c_out
+
+        def forward_buffers(arena: _Arena, b=b, j=j, group=group, tile=tile, outer=outer, staged=staged):
+            width = bases.width(j)
+            return (arena.take(0, group * (H * b.k_in if outer else tile * b.k_in), h),
+                    arena.take(1, group * b.K * b.k_in, h).view(group, b.K, b.k_in),
+                    arena.take(2, group * b.K * b.k_in, h),
+                    arena.take(3, group * width, bases.sh) if width else None,
+                    arena.take(4, group * width, h) if (width and cast) else None,
+                    arena.take(5, group * b.K * tile, h) if staged else None)
+
+        def forward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, out=out, Wj_t=Wj_t, group=group,
+                          tile=tile) -> None:
+            rbuf, tmp, pbuf, bbuf, cbuf, obuf = bufs
+            for S in range(lo, hi, group):
+                m = min(group, hi - S)
+                t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
+                hs = h[S:S + m]
+                for o in range(0, b.c_out, tile):  # R's tile: output channels o .. o+w of these edges
+                    w = min(tile, b.c_out - o)
+                    R = torch.mm(hs, Wj_t[:, o * b.k_in:(o + w) * b.k_in],
+                                 out=rbuf[:m * w * b.k_in].view(m, w * b.k_in)).view(m, w, b.k_in)
+                    if obuf is None:
+                        torch.bmm(t, R.transpose(1, 2), out=out[S:S + m])
+                    else:
+                        out[S:S + m, :, o:o + w].copy_(
+                            torch.bmm(t, R.transpose(1, 2), out=obuf[:m * b.K * w].view(m, b.K, w)))
+
+        def outer_forward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, out=out, W_outer=W_outer if outer
+                                else None, step=group) -> None:
+            zbuf, tmp, pbuf, bbuf, cbuf, obuf = bufs
+            for S in range(lo, hi, step):
+                m = min(step, hi - S)
+                t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
+                z = torch.mul(h[S:S + m, :, None], t, out=zbuf[:m * H * b.k_in].view(m, H, b.k_in))  # h ⊗ tmp
+                if obuf is None:
+                    torch.mm(z.view(m, -1), W_outer, out=out[S:S + m].view(m, b.c_out))
+                else:
+                    out[S:S + m, 0].copy_(torch.mm(z.view(m, -1), W_outer, out=obuf[:m * b.c_out].view(m, b.c_out)))
+
+        steps.append((outer_forward_range if outer else forward_range, forward_buffers, group,
+                      E * b.c_out * b.k_in))
+        outs.append(out)
+        # held by the chosen range function only (the other one would keep this block's weights alive)
+        Wj_t = W_outer = forward_range = outer_forward_range = None
+    if steps:
+        hand_off()
+    return (buf,) if single_output else tuple(outs)
+
+
+def _kernel_backward(call: _Call, layouts: Optional[Dict[Tuple[int, object], Tensor]], inputs: Sequence[Tensor],
+                     grad_outs: Sequence[Optional[Tensor]], need: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+    """The fused backward: the gradients of ``inputs`` (``h, W, *xs, *bases`` as :class:`_FusedConv` takes them)
+    flagged in ``need``, None for the others, from the outputs' gradients ``grad_outs`` (None: zero)."""
+    chunk, blockwise, blocks, num_x, rows, x_index, with_sh, weight_map, single_output = call
+    h, W_param, *xs_bts = inputs
+    xs = xs_bts[:num_x]
+    bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
+    cast = bases.sh is not None and bases.sh.dtype != h.dtype
+    E, H = h.shape
+    need_h, need_W = need[0], need[1]
+    need_x = need[2:2 + num_x]
+    # with harmonics the "bts" are constant projections (one per block, no gradient; parts index nothing)
+    need_bt = need[2 + num_x:] if not with_sh else ()
+    if single_output:  # each block's gradient: a strided view of the one output's
+        grad_all, grad_outs, col = grad_outs[0], [], 0
+        for b in blocks:
+            grad_outs.append(None if grad_all is None else
+                             grad_all[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out))
+            col += b.K * b.c_out
+    # Accumulate in at least float32 (many chunks; bf16 partial sums would lose bits).
+    acc_dtype = torch.promote_types(h.dtype, torch.float32)
+    grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
+    # grad_W in the parameter's row order: each block's partials are added at its rows (one buffer, no copy),
+    # or through the weight map's adjoint, block by block (no buffer of all mapped weights).
+    grad_W = torch.zeros(W_param.shape, dtype=acc_dtype, device=h.device) if need_W else None
+    # grad_x per edge as [E, L, C] (the natural output of Bt^T @ gtmp), returned as a transposed view (summed
+    # into the nodes' rows for node-level inputs).
+    grad_x = [x.new_zeros(E, x.shape[2], x.shape[1]) if need else None for x, need in zip(xs, need_x)]
+    grad_bt = [torch.zeros_like(bt) if need else None for bt, need in zip(bases.bts, need_bt)]
+    bt_grad = (lambda p: None) if with_sh else (lambda p: grad_bt[p.bt])
+    grad_sh = None
+    if with_sh and need[2 + num_x]:  # each edge range adds into its own rows
+        grad_sh = torch.zeros(bases.sh.shape, dtype=torch.promote_types(bases.sh.dtype, acc_dtype),
+                              device=h.device)
+    # blocks not yet run: (range function, buffers, edges per group, kernel weights, fold, row, mapped grad_W)
+    steps = []
+
+    def hand_off() -> None:
+        """As in forward; each range's partial grad_W of each block is folded in range order."""
+        _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps],
+                    lambda partials: [st[4](p) for st, p in zip(steps, partials)], E,
+                    max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
+        mapped = [(grad_Wj, row) for *_, row, grad_Wj in steps if grad_Wj is not None]
+        steps.clear()  # the blocks' weights (held by their range functions) go before the adjoints' temporaries
+        while mapped:  # each block's gradient goes as soon as it is mapped
+            weight_map.add_block_adjoint(grad_W, *mapped.pop(0))
+
+    largest = E * max(b.c_out * b.k_in for b in blocks)
+    triton = _use_triton(h)
+    # inside cached_kernel_weights, the forward's layouts (valid while W is unchanged, as it must be between
+    # forward and backward: autograd checks its version) serve here too (forces: none laid out at all)
+    if layouts is None and not triton:
+        layouts = _cached_layouts(W_param, rows, blocks, weight_map, h.dtype)
+    for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
+        if g_all is None:
+            continue
+        if blockwise and steps and sum(st[3] for st in steps) + E * b.c_out * b.k_in > largest:
+            hand_off()  # as in forward
+        if g_all.stride(-1) != 1:  # rows of channels must be contiguous for the chunk GEMMs; views of one
+            g_all = g_all.contiguous()  # output already are
+        parts_in = [p for p in b.parts
+                    if grad_x[p.x] is not None or bt_grad(p) is not None or grad_sh is not None]
+        outer = _use_outer(b, H) and not triton
+        kept = _backward_layout(layouts, j, outer)
+        Wj = None if kept is not None else _block_weights(W_param, rows, b, weight_map, h.dtype)
+        dims = [xs[p.x].shape[2] for p in b.parts]
+        # column of each part in the block's projection (harmonics only)
+        part_cols = [sum(b.K * q.F * L for q, L in zip(b.parts[:i], dims)) for i in range(len(b.parts))]
+        Wj_t = W_outer_t = None
+        if triton:  # one group of (nearly) all edges; W as [H, K_in, C_out]
+            group, tile = _triton_step(b, E), b.c_out
+            W_hio = Wj.view(b.c_out, b.k_in, H).permute(2, 1, 0).contiguous()
+        elif outer:  # as in forward; W'^T [c_out, (h, i)] contiguous: grad (h ⊗ tmp) = g @ W'^T reads
+            # it row-major
+            group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
+            W_outer_t = kept if kept is not None else (
+                Wj.view(b.c_out, b.k_in, H).transpose(1, 2).reshape(b.c_out, H * b.k_in))
+        else:
+            group, tile = _tiling(chunk, b, E, h.device, h.dtype, blockwise)
+            # R = h @ W_j^T as in forward, and grad_h's GEMM (transposed)
+            Wj_t = kept if kept is not None else Wj.t().contiguous()
+        # (made in the layouts above: the rows themselves are not needed again)
+        Wj_shape, Wj, kept = (b.c_out * b.k_in, H), None, None
+
+        def backward_buffers(arena: _Arena, b=b, j=j, parts_in=parts_in, group=group, tile=tile, outer=outer,
+                             triton=triton):
+            width = bases.width(j)  # (the Triton kernels keep no R, and always read tmp)
+            return (None if triton else arena.take(0, group * (H * b.k_in if outer else tile * b.k_in), h),
+                    arena.take(1, group * b.K * b.k_in, h).view(group, b.K, b.k_in)
+                    if (need_h or need_W or triton) else None,
+                    arena.take(2, group * b.K * b.k_in, h).view(group, b.K, b.k_in) if parts_in else None,
+                    arena.take(3, group * b.K * b.k_in, h),
+                    arena.take(4, group * width, bases.sh) if width else None,
+                    arena.take(5, group * width, h) if (width and cast) else None)
+
+        def scatter_parts(S: int, m: int, bts: List[Tensor], gtmp: Tensor, pbuf: Tensor, b=b, j=j,
+                          part_cols=part_cols, parts_in=parts_in) -> None:
+            """The gradient of ``tmp`` (``gtmp[:m]``, edges ``S .. S+m``) -> grad of x and of the basis."""
+            for i, p in enumerate(b.parts):
+                if p not in parts_in:
+                    continue
+                width = p.F * p.C
+                if len(b.parts) == 1:
+                    gt = gtmp[:m].view(m, b.K * p.F, p.C)
+                else:
+                    gt = pbuf[:m * b.K * width].view(m, b.K, width)
+                    gt.copy_(gtmp[:m, :, p.col:p.col + width])
+                    gt = gt.view(m, b.K * p.F, p.C)
+                if grad_x[p.x] is not None:
+                    grad_x[p.x][S:S + m].baddbmm_(bts[i].transpose(1, 2), gt)
+                if bt_grad(p) is not None:
+                    bt_grad(p)[S:S + m].baddbmm_(gt, _edge_rows(xs[p.x], x_index, S, m))
+                if grad_sh is not None:  # d(loss)/dY = d(loss)/dBt @ M_part^T
+                    gb = torch.bmm(gt, _edge_rows(xs[p.x], x_index, S, m)).view(m, -1)
+                    M = bases.bts[j]
+                    grad_sh[S:S + m, :M.shape[0]].addmm_(
+                        gb.to(grad_sh.dtype), M[:, part_cols[i]:part_cols[i] + gb.shape[1]].t().to(grad_sh.dtype))
+
+        def groups(lo: int, hi: int, step: int, tmp: Optional[Tensor], pbuf: Tensor, bbuf, cbuf, b=b, j=j,
+                   dims=dims, parts_in=parts_in):
+            """``(S, m, bases, tmp)`` for each group of edges ``S .. S+m`` in ``[lo, hi)``: the bases when the
+            gradients need them, ``tmp`` (rebuilt) when a buffer for it is given."""
+            for S in range(lo, hi, step):
+                m = min(step, hi - S)
+                bts = bases.group(j, b, dims, S, m, bbuf, cbuf) if (tmp is not None or parts_in) else None
+                yield S, m, bts, (_build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf) if tmp is not None else None)
+
+        def backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, Wj_t=Wj_t, group=group, tile=tile,
+                           groups=groups, scatter_parts=scatter_parts) -> Optional[Tensor]:
+            rbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
+            # grad W_j^T [H, C_out*K_in]: h^T @ gR (M = H rows) runs ~20 % faster than gR^T @ h (N = H columns)
+            gWt = _partial_buffer(Wj_t.shape, acc_dtype, h.device, lo, hi) if need_W else None
+            for S, m, bts, t in groups(lo, hi, group, tmp, pbuf, bbuf, cbuf):
+                hs = h[S:S + m]
+                hs_t = hs.t().contiguous() if need_W else None
+                for o in range(0, b.c_out, tile):  # R's tile: output channels o .. o+w of these edges
+                    w = min(tile, b.c_out - o)
+                    cols = slice(o * b.k_in, (o + w) * b.k_in)               # the tile's rows of W_j
+                    g = g_all[S:S + m, :, o:o + w]                           # [m, K, w]
+                    rb = rbuf[:m * w * b.k_in].view(m, w, b.k_in)
+                    if gtmp is not None:                                     # gtmp = sum over tiles g @ R
+                        R = torch.mm(hs, Wj_t[:, cols], out=rb.view(m, -1)).view(m, w, b.k_in)
+                        if o == 0:
+                            torch.bmm(g, R, out=gtmp[:m])
+                        else:
+                            gtmp[:m].baddbmm_(g, R)
+                    if t is None:
+                        continue
+                    if b.K == 1:  # an outer product: a broadcast multiply beats a GEMM with inner dimension 1
+                        gR = torch.mul(g.transpose(1, 2), t, out=rb)
+                    else:
+                        gR = torch.bmm(g.transpose(1, 2), t, out=rb)
+                    gR = gR.view(m, w * b.k_in)
+                    if need_W:
+                        _accumulate_mm(gWt[:, cols], hs_t, gR, first=S == lo)
+                    if need_h:  # W_j^T's columns read transposed: one copy of the block's weights, not two
+                        # (W_j's rows: 0-15 %, mean ~4 % faster GEMM, measured on 2-core Zen 4)
+                        _accumulate_mm(grad_h[S:S + m], gR, Wj_t[:, cols].t())
+                scatter_parts(S, m, bts, gtmp, pbuf)
+            return None if gWt is None else gWt.t()  # in the parameter's row order
+
+        def outer_backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in,
+                                 W_outer_t=W_outer_t, step=group, groups=groups,
+                                 scatter_parts=scatter_parts) -> Optional[Tensor]:
+            zbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
+            gWt = _partial_buffer(W_outer_t.shape, acc_dtype, h.device, lo, hi) if need_W else None
+            for S, m, bts, t in groups(lo, hi, step, tmp, pbuf, bbuf, cbuf):
+                g = g_all[S:S + m, 0]                                        # [m, C_out]
+                z = zbuf[:m * H * b.k_in].view(m, H, b.k_in)
+                if need_W:                                                   # grad W'^T = g^T @ (h ⊗ tmp)
+                    _accumulate_mm(gWt, g.t().contiguous(),
+                                   torch.mul(h[S:S + m, :, None], t, out=z).view(m, -1), first=S == lo)
+                if need_h or parts_in:
+                    gz = torch.mm(g, W_outer_t, out=z.view(m, -1)).view(m, H, b.k_in)  # grad of h ⊗ tmp
+                    if need_h:  # tmp @ gz^T per edge: ~2.5x faster than gz @ tmp^T (measured, Xeon)
+                        grad_h[S:S + m] += torch.bmm(t.view(m, 1, b.k_in), gz.transpose(1, 2)).view(m, H)
+                    if parts_in:
+                        torch.bmm(h[S:S + m, None, :], gz, out=gtmp[:m])
+                        scatter_parts(S, m, bts, gtmp, pbuf)
+            # in the parameter's row order (c_out, k_in) as a strided view: the fold adds it where it goes
+            return None if gWt is None else gWt.view(b.c_out, H, b.k_in).transpose(1, 2)
+
+        def triton_backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in,
+                                  W_hio=W_hio if triton else None, step=group, groups=groups,
+                                  scatter_parts=scatter_parts) -> Optional[Tensor]:
+            from .triton_outer import outer_backward
+
+            _, tmp, gtmp, pbuf, bbuf, cbuf = bufs
+            gW = None
+            for S, m, bts, t in groups(lo, hi, step, tmp, pbuf, bbuf, cbuf):
+                g = g_all[S:S + m].to(W_hio.dtype)
+                gw, gh = outer_backward(h[S:S + m], t, W_hio, g, need_W, need_h,
+                                        gtmp[:m] if parts_in else None)
+                if gh is not None:
+                    grad_h[S:S + m] += gh
+                if gw is not None:
+                    gW = gw if gW is None else gW.add_(gw)
+                if parts_in:
+                    scatter_parts(S, m, bts, gtmp, pbuf)
+            # [H, K_in, C_out] -> the parameter's row order (c_out, k_in)
+            return None if gW is None else gW.permute(2, 1, 0).reshape(b.c_out * b.k_in, H)
+
+        # partial grad_W of each range, added in range order: the same sum whichever thread ran which range
+        grad_Wj = None
+        if not need_W:
+            fold = (lambda _: None)
+        elif weight_map is None:
+            fold = (lambda partial, r=rows[b.row:b.row + b.c_out * b.k_in]:
+                    grad_W.index_add_(0, r, partial.reshape(-1, H)))
+        else:  # partials [C_out * K_in, H], or [C_out, K_in, H] (outer order): added as views, no copy
+            grad_Wj = torch.zeros(Wj_shape, dtype=acc_dtype, device=h.device)
+            fold = (lambda partial, g=grad_Wj: g.view(partial.shape).add_(partial))
+        fn = triton_backward_range if triton else (outer_backward_range if outer else backward_range)
+        # the chosen range function holds its own references; the others would keep this block's weights
+        # alive through the next blocks' hand-offs (blockwise: one block's weights at a time)
+        Wj = Wj_t = W_outer_t = W_hio = backward_range = outer_backward_range = triton_backward_range = None
+        steps.append((fn, backward_buffers, group,
+                      E * b.c_out * b.k_in, fold, b.row, grad_Wj))
+        grad_Wj = fold = None
+    if steps:
+        hand_off()
+    grad_h = grad_h.to(h.dtype) if grad_h is not None else None
+    if grad_W is not None:
+        grad_W = grad_W.to(W_param.dtype)
+    if x_index is not None:
+        grad_x = [gx.new_zeros(x.shape[0], *gx.shape[1:]).index_add_(0, x_index, gx) if gx is not None else None
+                  for x, gx in zip(xs, grad_x)]
+    grad_x = [gx.transpose(1, 2) if gx is not None else None for gx in grad_x]
+    if with_sh:
+        grad_sh = grad_sh.to(bases.sh.dtype) if grad_sh is not None else None
+        return (grad_h, grad_W, *grad_x, grad_sh) + (None,) * len(bases.bts)
+    return (grad_h, grad_W, *grad_x, *grad_bt)
+
+
+class _FusedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, schedule: Tuple[Optional[int], bool, Optional[dict], bool], blocks: Tuple[BlockSpec, ...],
                 num_x: int, rows: Tensor, x_index: Optional[Tensor], with_sh: bool, weight_map: Optional["WeightMap"],
@@ -633,352 +995,98 @@ class _FusedConv(torch.autograd.Function):
         """``schedule``: ``(chunk, blockwise)`` of :func:`fused_conv`, the laid-out block weights to reuse and
         fill (:func:`_cached_layouts`, or this call's own; None: lay them out here), and whether they are this
         call's own, kept for its backward (:data:`KEEP_LAYOUTS_MAX_EDGES`)."""
-        xs = xs_bts[:num_x]
-        bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
-        cast = bases.sh is not None and bases.sh.dtype != h.dtype
-        E, H = h.shape
-        outs = []
-        # one [E, sum_j K_j*C_out_j] tensor with each block's output a strided view, or one tensor per block
-        buf = h.new_empty(E, sum(b.K * b.c_out for b in blocks)) if single_output else None
-        col = 0
         chunk, blockwise, layouts, keep = schedule
         ctx.kept_layouts = layouts if keep else None
-        steps = []  # blocks not yet run: (range function, buffers, edges per group, kernel weights over all edges)
-
-        def hand_off() -> None:
-            """Run the blocks in ``steps`` over all edges: each edge range goes through all of them, on one worker
-            thread. One hand-off for all blocks: each hand-off right after the calling thread's own parallel ops
-            finds its OpenMP worker still spinning (GNU OpenMP: several ms), which slows the workers down; and each
-            range's inputs serve every block while in cache (measured on a 2-core Xeon, QM9 paper model: ~10 %
-            of the step). (``blockwise`` applies to backward only: see :func:`fused_conv`.)"""
-            _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps], lambda _: None,
-                        E, max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
-            steps.clear()
-
-        triton = _use_triton(h)
-        for j, b in enumerate(blocks):
-            if buf is None:
-                out = h.new_empty(E, b.K, b.c_out)
-            else:
-                out = buf[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out)
-                col += b.K * b.c_out
-            dims = [xs[p.x].shape[2] for p in b.parts]
-            if triton:
-                Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
-                steps.append(_triton_forward_step(b, j, dims, Wj_t, h, xs, x_index, bases, cast, out, E))
-                outs.append(out)
-                continue
-            outer = _use_outer(b, H)
-            Wj_t = W_outer = None
-            layout = None if layouts is None else layouts.get((j, outer))
-            if layout is None:
-                Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
-                # outer: W' [(k, i), o] = W_j[(o, i), k]; else [H, C_out*K_in]: R's GEMM reads a column slice
-                # (measured on Xeon: ~12 % faster than from the transposed rows)
-                layout = (Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out) if outer
-                          else Wj_t.contiguous())
-                if layouts is not None:
-                    layouts[(j, outer)] = layout
-            if outer:  # each step of edges is one group
-                group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
-                W_outer = layout
-            else:
-                group, tile = _tiling(chunk, b, E, h.device, h.dtype)
-                Wj_t = layout
-            layout = None
-            # output through a buffer when the GEMM's destination would be strided (a tile of channels, or a view of
-            # the one output): a GEMM into a strided view goes through a temporary anyway
-            staged = single_output or tile < b.c_out
-
-            def forward_buffers(arena: _Arena, b=b, j=j, group=group, tile=tile, outer=outer, staged=staged):
-                width = bases.width(j)
-                return (arena.take(0, group * (H * b.k_in if outer else tile * b.k_in), h),
-                        arena.take(1, group * b.K * b.k_in, h).view(group, b.K, b.k_in),
-                        arena.take(2, group * b.K * b.k_in, h),
-                        arena.take(3, group * width, bases.sh) if width else None,
-                        arena.take(4, group * width, h) if (width and cast) else None,
-                        arena.take(5, group * b.K * tile, h) if staged else None)
-
-            def forward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, out=out, Wj_t=Wj_t, group=group,
-                              tile=tile) -> None:
-                rbuf, tmp, pbuf, bbuf, cbuf, obuf = bufs
-                for S in range(lo, hi, group):
-                    m = min(group, hi - S)
-                    t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
-                    hs = h[S:S + m]
-                    for o in range(0, b.c_out, tile):  # R's tile: output channels o .. o+w of these edges
-                        w = min(tile, b.c_out - o)
-                        R = torch.mm(hs, Wj_t[:, o * b.k_in:(o + w) * b.k_in],
-                                     out=rbuf[:m * w * b.k_in].view(m, w * b.k_in)).view(m, w, b.k_in)
-                        if obuf is None:
-                            torch.bmm(t, R.transpose(1, 2), out=out[S:S + m])
-                        else:
-                            out[S:S + m, :, o:o + w].copy_(
-                                torch.bmm(t, R.transpose(1, 2), out=obuf[:m * b.K * w].view(m, b.K, w)))
-
-            def outer_forward_range(lo: int, hi: int, bufs, b=b, j=j, dims=dims, out=out, W_outer=W_outer if outer
-                                    else None, step=group) -> None:
-                zbuf, tmp, pbuf, bbuf, cbuf, obuf = bufs
-                for S in range(lo, hi, step):
-                    m = min(step, hi - S)
-                    t = _build_tmp(b, xs, x_index, bases.group(j, b, dims, S, m, bbuf, cbuf), S, m, tmp, pbuf)
-                    z = torch.mul(h[S:S + m, :, None], t, out=zbuf[:m * H * b.k_in].view(m, H, b.k_in))  # h ⊗ tmp
-                    if obuf is None:
-                        torch.mm(z.view(m, -1), W_outer, out=out[S:S + m].view(m, b.c_out))
-                    else:
-                        out[S:S + m, 0].copy_(torch.mm(z.view(m, -1), W_outer, out=obuf[:m * b.c_out].view(m, b.c_out)))
-
-            steps.append((outer_forward_range if outer else forward_range, forward_buffers, group,
-                          E * b.c_out * b.k_in))
-            outs.append(out)
-            # held by the chosen range function only (the other one would keep this block's weights alive)
-            Wj_t = W_outer = forward_range = outer_forward_range = None
-        if steps:
-            hand_off()
-        ctx.chunk, ctx.blockwise, ctx.blocks, ctx.num_x = chunk, blockwise, blocks, num_x
-        ctx.with_sh, ctx.weight_map, ctx.single_output = with_sh, weight_map, single_output
+        # rows and x_index travel as saved tensors (the call's copy in ctx holds None for them)
+        ctx.call = _Call(chunk, blockwise, blocks, num_x, None, None, with_sh, weight_map, single_output)
         ctx.save_for_backward(rows, x_index, h, W, *xs_bts)
-        return (buf,) if single_output else tuple(outs)
+        return _kernel_forward(ctx.call._replace(rows=rows, x_index=x_index), layouts, h, W, xs_bts)
 
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):
         # this call's own layouts (KEEP_LAYOUTS_MAX_EDGES) are freed with this backward (a second one, with
         # retain_graph, lays them out again)
         layouts, ctx.kept_layouts = ctx.kept_layouts, None
+        rows, x_index, *inputs = ctx.saved_tensors
+        call = ctx.call._replace(rows=rows, x_index=x_index)
+        need = list(ctx.needs_input_grad[8:])
+        if need[1] and SKIP_UNUSED_WEIGHT_GRADIENT:  # W is the 3rd tensor input (4th with x_index)
+            need[1] = _engine_uses(ctx, 2 + (x_index is not None))
         if torch.is_grad_enabled():  # create_graph (e.g. a loss on forces): gradients that can be differentiated
-            return _differentiable_backward(ctx, grad_outs)
-        rows, x_index, h, W_param, *xs_bts = ctx.saved_tensors
-        chunk, blockwise, blocks, num_x, with_sh = ctx.chunk, ctx.blockwise, ctx.blocks, ctx.num_x, ctx.with_sh
-        weight_map = ctx.weight_map
-        xs = xs_bts[:num_x]
-        bases = _Bases(xs_bts[num_x + 1:], xs_bts[num_x]) if with_sh else _Bases(xs_bts[num_x:], None)
-        cast = bases.sh is not None and bases.sh.dtype != h.dtype
-        E, H = h.shape
-        need_h, need_W = ctx.needs_input_grad[8], ctx.needs_input_grad[9]
-        if need_W and SKIP_UNUSED_WEIGHT_GRADIENT:  # W is the 3rd tensor input (4th with x_index)
-            need_W = _engine_uses(ctx, 2 + (x_index is not None))
-        need_x = ctx.needs_input_grad[10:10 + num_x]
-        # with harmonics the "bts" are constant projections (one per block, no gradient; parts index nothing)
-        need_bt = ctx.needs_input_grad[10 + num_x:] if not with_sh else ()
-        if ctx.single_output:  # each block's gradient: a strided view of the one output's
-            grad_all, grad_outs, col = grad_outs[0], [], 0
-            for b in blocks:
-                grad_outs.append(None if grad_all is None else
-                                 grad_all[:, col:col + b.K * b.c_out].view(E, b.K, b.c_out))
-                col += b.K * b.c_out
-        # Accumulate in at least float32 (many chunks; bf16 partial sums would lose bits).
-        acc_dtype = torch.promote_types(h.dtype, torch.float32)
-        grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
-        # grad_W in the parameter's row order: each block's partials are added at its rows (one buffer, no copy),
-        # or through the weight map's adjoint, block by block (no buffer of all mapped weights).
-        grad_W = torch.zeros(W_param.shape, dtype=acc_dtype, device=h.device) if need_W else None
-        # grad_x per edge as [E, L, C] (the natural output of Bt^T @ gtmp), returned as a transposed view (summed
-        # into the nodes' rows for node-level inputs).
-        grad_x = [x.new_zeros(E, x.shape[2], x.shape[1]) if need else None for x, need in zip(xs, need_x)]
-        grad_bt = [torch.zeros_like(bt) if need else None for bt, need in zip(bases.bts, need_bt)]
-        bt_grad = (lambda p: None) if with_sh else (lambda p: grad_bt[p.bt])
-        grad_sh = None
-        if with_sh and ctx.needs_input_grad[10 + num_x]:  # each edge range adds into its own rows
-            grad_sh = torch.zeros(bases.sh.shape, dtype=torch.promote_types(bases.sh.dtype, acc_dtype),
-                                  device=h.device)
-        # blocks not yet run: (range function, buffers, edges per group, kernel weights, fold, row, mapped grad_W)
-        steps = []
+            if not FUSED_DOUBLE_BACKWARD:
+                return (None,) * 8 + _differentiable_backward(call, inputs, grad_outs, need)
+            return (None,) * 8 + _FusedConvVJP.apply(call, tuple(need), layouts, len(grad_outs), *grad_outs, *inputs)
+        return (None,) * 8 + _kernel_backward(call, layouts, inputs, grad_outs, need)
 
-        def hand_off() -> None:
-            """As in forward; each range's partial grad_W of each block is folded in range order."""
-            _run_ranges(lambda lo, hi, arena: [fn(lo, hi, bufs(arena)) for fn, bufs, *_ in steps],
-                        lambda partials: [st[4](p) for st, p in zip(steps, partials)], E,
-                        max(st[2] for st in steps), h.device, sum(st[3] for st in steps))
-            mapped = [(grad_Wj, row) for *_, row, grad_Wj in steps if grad_Wj is not None]
-            steps.clear()  # the blocks' weights (held by their range functions) go before the adjoints' temporaries
-            while mapped:  # each block's gradient goes as soon as it is mapped
-                weight_map.add_block_adjoint(grad_W, *mapped.pop(0))
 
-        largest = E * max(b.c_out * b.k_in for b in blocks)
-        triton = _use_triton(h)
-        # inside cached_kernel_weights, the forward's layouts (valid while W is unchanged, as it must be between
-        # forward and backward: autograd checks its version) serve here too (forces: none laid out at all)
-        if layouts is None and not triton:
-            layouts = _cached_layouts(W_param, rows, blocks, weight_map, h.dtype)
-        for j, (b, g_all) in enumerate(zip(blocks, grad_outs)):
-            if g_all is None:
+def _linear_groups(num_x: int, with_sh: bool, num_inputs: int) -> Tuple[range, ...]:
+    """The groups of a fused call's inputs (``h, W, *xs, *bases``) in each of which its output is linear: ``h``,
+    ``W``, the features, the bases (with harmonics ``sh`` alone: its projections are constants)."""
+    bases_end = 3 + num_x if with_sh else num_inputs
+    return range(0, 1), range(1, 2), range(2, 2 + num_x), range(2 + num_x, bases_end)
+
+
+class _FusedConvVJP(torch.autograd.Function):
+    """The fused backward as a function of the outputs' gradients and the inputs: a backward with ``create_graph``
+    (training on forces) returns its results, and their own gradients are fused calls again.
+
+    The output is linear in each input group (:func:`_linear_groups`), and each input's gradient does not depend
+    on its own group. So, with ``u_i`` the gradients of group ``i``'s gradients and ``F(i <- u_i)`` the kernel
+    with group ``i`` replaced by them: the outputs' gradients get ``sum_i F(i <- u_i)`` (a fused forward: the
+    kernel's derivative in the direction ``u_i``), and each input outside group ``i`` gets the gradient of
+    ``F(i <- u_i)`` for the same outputs' gradients (a fused backward). Both run as these two functions, so
+    higher derivatives exist too. Nothing per edge is stored beyond the inputs and the outputs' gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, call: _Call, need: Tuple[bool, ...], layouts: Optional[dict], num_grads: int,
+                *tensors: Optional[Tensor]):
+        """``tensors``: the ``num_grads`` outputs' gradients (None: zero), then ``h, W, *xs, *bases``; returns
+        the gradients of the inputs flagged in ``need`` (None for the others)."""
+        grad_outs, inputs = tensors[:num_grads], tensors[num_grads:]
+        ctx.call, ctx.num_grads = call, num_grads
+        # kept layouts (a small call's own, or cached_kernel_weights') serve the second derivatives' calls too
+        ctx.layouts = layouts
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*tensors)
+        return _kernel_backward(call, layouts, inputs, grad_outs, need)
+
+    @staticmethod
+    def backward(ctx, *us: Optional[Tensor]):
+        call, n = ctx.call, ctx.num_grads
+        tensors = ctx.saved_tensors
+        grad_outs, inputs = tensors[:n], tensors[n:]
+        need_g = [nd and g is not None for nd, g in zip(ctx.needs_input_grad[4:4 + n], grad_outs)]
+        need_in = list(ctx.needs_input_grad[4 + n:])
+        if need_in[1] and SKIP_UNUSED_WEIGHT_GRADIENT:  # W's place among the tensor arguments
+            need_in[1] = _engine_uses(ctx, sum(t is not None for t in grad_outs) + 1)
+        grad_g: List[Optional[Tensor]] = [None] * n
+        grad_in: List[Optional[Tensor]] = [None] * len(inputs)
+
+        def add(acc: List[Optional[Tensor]], k: int, value: Optional[Tensor]) -> None:
+            if value is not None:
+                acc[k] = value if acc[k] is None else acc[k] + value
+
+        for group in _linear_groups(call.num_x, call.with_sh, len(inputs)):
+            if all(us[i] is None for i in group):
                 continue
-            if blockwise and steps and sum(st[3] for st in steps) + E * b.c_out * b.k_in > largest:
-                hand_off()  # as in forward
-            if g_all.stride(-1) != 1:  # rows of channels must be contiguous for the chunk GEMMs; views of one
-                g_all = g_all.contiguous()  # output already are
-            parts_in = [p for p in b.parts
-                        if grad_x[p.x] is not None or bt_grad(p) is not None or grad_sh is not None]
-            outer = _use_outer(b, H) and not triton
-            kept = _backward_layout(layouts, j, outer)
-            Wj = None if kept is not None else _block_weights(W_param, rows, b, weight_map, h.dtype)
-            dims = [xs[p.x].shape[2] for p in b.parts]
-            # column of each part in the block's projection (harmonics only)
-            part_cols = [sum(b.K * q.F * L for q, L in zip(b.parts[:i], dims)) for i in range(len(b.parts))]
-            Wj_t = W_outer_t = None
-            if triton:  # one group of (nearly) all edges; W as [H, K_in, C_out]
-                group, tile = _triton_step(b, E), b.c_out
-                W_hio = Wj.view(b.c_out, b.k_in, H).permute(2, 1, 0).contiguous()
-            elif outer:  # as in forward; W'^T [c_out, (h, i)] contiguous: grad (h ⊗ tmp) = g @ W'^T reads
-                # it row-major
-                group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
-                W_outer_t = kept if kept is not None else (
-                    Wj.view(b.c_out, b.k_in, H).transpose(1, 2).reshape(b.c_out, H * b.k_in))
-            else:
-                group, tile = _tiling(chunk, b, E, h.device, h.dtype, blockwise)
-                # R = h @ W_j^T as in forward, and grad_h's GEMM (transposed)
-                Wj_t = kept if kept is not None else Wj.t().contiguous()
-            # (made in the layouts above: the rows themselves are not needed again)
-            Wj_shape, Wj, kept = (b.c_out * b.k_in, H), None, None
+            replaced = list(inputs)
+            for i in group:  # (the kernel reads contiguous inputs in the compute dtype, as fused_conv gives them)
+                replaced[i] = (torch.zeros_like(inputs[i]) if us[i] is None
+                               else us[i].to(inputs[i].dtype).contiguous())
+            layouts = None if 1 in group else ctx.layouts  # laid-out weights serve calls with the same W only
+            if any(need_g):  # the derivative of the outputs in the direction u_i
+                outs = _FusedConv.apply((call.chunk, call.blockwise, layouts, False), call.blocks, call.num_x,
+                                        call.rows, call.x_index, call.with_sh, call.weight_map, call.single_output,
+                                        *replaced)
+                for k, out in enumerate(outs):
+                    add(grad_g, k, out if need_g[k] else None)
+            others = tuple(nd and k not in group for k, nd in enumerate(need_in))
+            if any(others):
+                for k, grad in enumerate(_FusedConvVJP.apply(call, others, layouts, n, *grad_outs, *replaced)):
+                    add(grad_in, k, grad)
+        return (None,) * 4 + tuple(grad_g) + tuple(grad_in)
 
-            def backward_buffers(arena: _Arena, b=b, j=j, parts_in=parts_in, group=group, tile=tile, outer=outer,
-                                 triton=triton):
-                width = bases.width(j)  # (the Triton kernels keep no R, and always read tmp)
-                return (None if triton else arena.take(0, group * (H * b.k_in if outer else tile * b.k_in), h),
-                        arena.take(1, group * b.K * b.k_in, h).view(group, b.K, b.k_in)
-                        if (need_h or need_W or triton) else None,
-                        arena.take(2, group * b.K * b.k_in, h).view(group, b.K, b.k_in) if parts_in else None,
-                        arena.take(3, group * b.K * b.k_in, h),
-                        arena.take(4, group * width, bases.sh) if width else None,
-                        arena.take(5, group * width, h) if (width and cast) else None)
-
-            def scatter_parts(S: int, m: int, bts: List[Tensor], gtmp: Tensor, pbuf: Tensor, b=b, j=j,
-                              part_cols=part_cols, parts_in=parts_in) -> None:
-                """The gradient of ``tmp`` (``gtmp[:m]``, edges ``S .. S+m``) -> grad of x and of the basis."""
-                for i, p in enumerate(b.parts):
-                    if p not in parts_in:
-                        continue
-                    width = p.F * p.C
-                    if len(b.parts) == 1:
-                        gt = gtmp[:m].view(m, b.K * p.F, p.C)
-                    else:
-                        gt = pbuf[:m * b.K * width].view(m, b.K, width)
-                        gt.copy_(gtmp[:m, :, p.col:p.col + width])
-                        gt = gt.view(m, b.K * p.F, p.C)
-                    if grad_x[p.x] is not None:
-                        grad_x[p.x][S:S + m].baddbmm_(bts[i].transpose(1, 2), gt)
-                    if bt_grad(p) is not None:
-                        bt_grad(p)[S:S + m].baddbmm_(gt, _edge_rows(xs[p.x], x_index, S, m))
-                    if grad_sh is not None:  # d(loss)/dY = d(loss)/dBt @ M_part^T
-                        gb = torch.bmm(gt, _edge_rows(xs[p.x], x_index, S, m)).view(m, -1)
-                        M = bases.bts[j]
-                        grad_sh[S:S + m, :M.shape[0]].addmm_(
-                            gb.to(grad_sh.dtype), M[:, part_cols[i]:part_cols[i] + gb.shape[1]].t().to(grad_sh.dtype))
-
-            def groups(lo: int, hi: int, step: int, tmp: Optional[Tensor], pbuf: Tensor, bbuf, cbuf, b=b, j=j,
-                       dims=dims, parts_in=parts_in):
-                """``(S, m, bases, tmp)`` for each group of edges ``S .. S+m`` in ``[lo, hi)``: the bases when the
-                gradients need them, ``tmp`` (rebuilt) when a buffer for it is given."""
-                for S in range(lo, hi, step):
-                    m = min(step, hi - S)
-                    bts = bases.group(j, b, dims, S, m, bbuf, cbuf) if (tmp is not None or parts_in) else None
-                    yield S, m, bts, (_build_tmp(b, xs, x_index, bts, S, m, tmp, pbuf) if tmp is not None else None)
-
-            def backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, Wj_t=Wj_t, group=group, tile=tile,
-                               groups=groups, scatter_parts=scatter_parts) -> Optional[Tensor]:
-                rbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
-                # grad W_j^T [H, C_out*K_in]: h^T @ gR (M = H rows) runs ~20 % faster than gR^T @ h (N = H columns)
-                gWt = _partial_buffer(Wj_t.shape, acc_dtype, h.device, lo, hi) if need_W else None
-                for S, m, bts, t in groups(lo, hi, group, tmp, pbuf, bbuf, cbuf):
-                    hs = h[S:S + m]
-                    hs_t = hs.t().contiguous() if need_W else None
-                    for o in range(0, b.c_out, tile):  # R's tile: output channels o .. o+w of these edges
-                        w = min(tile, b.c_out - o)
-                        cols = slice(o * b.k_in, (o + w) * b.k_in)               # the tile's rows of W_j
-                        g = g_all[S:S + m, :, o:o + w]                           # [m, K, w]
-                        rb = rbuf[:m * w * b.k_in].view(m, w, b.k_in)
-                        if gtmp is not None:                                     # gtmp = sum over tiles g @ R
-                            R = torch.mm(hs, Wj_t[:, cols], out=rb.view(m, -1)).view(m, w, b.k_in)
-                            if o == 0:
-                                torch.bmm(g, R, out=gtmp[:m])
-                            else:
-                                gtmp[:m].baddbmm_(g, R)
-                        if t is None:
-                            continue
-                        if b.K == 1:  # an outer product: a broadcast multiply beats a GEMM with inner dimension 1
-                            gR = torch.mul(g.transpose(1, 2), t, out=rb)
-                        else:
-                            gR = torch.bmm(g.transpose(1, 2), t, out=rb)
-                        gR = gR.view(m, w * b.k_in)
-                        if need_W:
-                            _accumulate_mm(gWt[:, cols], hs_t, gR, first=S == lo)
-                        if need_h:  # W_j^T's columns read transposed: one copy of the block's weights, not two
-                            # (W_j's rows: 0-15 %, mean ~4 % faster GEMM, measured on 2-core Zen 4)
-                            _accumulate_mm(grad_h[S:S + m], gR, Wj_t[:, cols].t())
-                    scatter_parts(S, m, bts, gtmp, pbuf)
-                return None if gWt is None else gWt.t()  # in the parameter's row order
-
-            def outer_backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in,
-                                     W_outer_t=W_outer_t, step=group, groups=groups,
-                                     scatter_parts=scatter_parts) -> Optional[Tensor]:
-                zbuf, tmp, gtmp, pbuf, bbuf, cbuf = bufs
-                gWt = _partial_buffer(W_outer_t.shape, acc_dtype, h.device, lo, hi) if need_W else None
-                for S, m, bts, t in groups(lo, hi, step, tmp, pbuf, bbuf, cbuf):
-                    g = g_all[S:S + m, 0]                                        # [m, C_out]
-                    z = zbuf[:m * H * b.k_in].view(m, H, b.k_in)
-                    if need_W:                                                   # grad W'^T = g^T @ (h ⊗ tmp)
-                        _accumulate_mm(gWt, g.t().contiguous(),
-                                       torch.mul(h[S:S + m, :, None], t, out=z).view(m, -1), first=S == lo)
-                    if need_h or parts_in:
-                        gz = torch.mm(g, W_outer_t, out=z.view(m, -1)).view(m, H, b.k_in)  # grad of h ⊗ tmp
-                        if need_h:  # tmp @ gz^T per edge: ~2.5x faster than gz @ tmp^T (measured, Xeon)
-                            grad_h[S:S + m] += torch.bmm(t.view(m, 1, b.k_in), gz.transpose(1, 2)).view(m, H)
-                        if parts_in:
-                            torch.bmm(h[S:S + m, None, :], gz, out=gtmp[:m])
-                            scatter_parts(S, m, bts, gtmp, pbuf)
-                # in the parameter's row order (c_out, k_in) as a strided view: the fold adds it where it goes
-                return None if gWt is None else gWt.view(b.c_out, H, b.k_in).transpose(1, 2)
-
-            def triton_backward_range(lo: int, hi: int, bufs, b=b, g_all=g_all, parts_in=parts_in,
-                                      W_hio=W_hio if triton else None, step=group, groups=groups,
-                                      scatter_parts=scatter_parts) -> Optional[Tensor]:
-                from .triton_outer import outer_backward
-
-                _, tmp, gtmp, pbuf, bbuf, cbuf = bufs
-                gW = None
-                for S, m, bts, t in groups(lo, hi, step, tmp, pbuf, bbuf, cbuf):
-                    g = g_all[S:S + m].to(W_hio.dtype)
-                    gw, gh = outer_backward(h[S:S + m], t, W_hio, g, need_W, need_h,
-                                            gtmp[:m] if parts_in else None)
-                    if gh is not None:
-                        grad_h[S:S + m] += gh
-                    if gw is not None:
-                        gW = gw if gW is None else gW.add_(gw)
-                    if parts_in:
-                        scatter_parts(S, m, bts, gtmp, pbuf)
-                # [H, K_in, C_out] -> the parameter's row order (c_out, k_in)
-                return None if gW is None else gW.permute(2, 1, 0).reshape(b.c_out * b.k_in, H)
-
-            # partial grad_W of each range, added in range order: the same sum whichever thread ran which range
-            grad_Wj = None
-            if not need_W:
-                fold = (lambda _: None)
-            elif weight_map is None:
-                fold = (lambda partial, r=rows[b.row:b.row + b.c_out * b.k_in]:
-                        grad_W.index_add_(0, r, partial.reshape(-1, H)))
-            else:  # partials [C_out * K_in, H], or [C_out, K_in, H] (outer order): added as views, no copy
-                grad_Wj = torch.zeros(Wj_shape, dtype=acc_dtype, device=h.device)
-                fold = (lambda partial, g=grad_Wj: g.view(partial.shape).add_(partial))
-            fn = triton_backward_range if triton else (outer_backward_range if outer else backward_range)
-            # the chosen range function holds its own references; the others would keep this block's weights
-            # alive through the next blocks' hand-offs (blockwise: one block's weights at a time)
-            Wj = Wj_t = W_outer_t = W_hio = backward_range = outer_backward_range = triton_backward_range = None
-            steps.append((fn, backward_buffers, group,
-                          E * b.c_out * b.k_in, fold, b.row, grad_Wj))
-            grad_Wj = fold = None
-        if steps:
-            hand_off()
-        grad_h = grad_h.to(h.dtype) if grad_h is not None else None
-        if grad_W is not None:
-            grad_W = grad_W.to(W_param.dtype)
-        if x_index is not None:
-            grad_x = [gx.new_zeros(x.shape[0], *gx.shape[1:]).index_add_(0, x_index, gx) if gx is not None else None
-                      for x, gx in zip(xs, grad_x)]
-        grad_x = [gx.transpose(1, 2) if gx is not None else None for gx in grad_x]
-        if with_sh:
-            grad_sh = grad_sh.to(bases.sh.dtype) if grad_sh is not None else None
-            return (None,) * 8 + (grad_h, grad_W, *grad_x, grad_sh) + (None,) * len(bases.bts)
-        return (None,) * 8 + (grad_h, grad_W, *grad_x, *grad_bt)
 
 
 @torch.compiler.disable  # a hand-scheduled kernel: compiling would unroll its chunk loops (one graph break instead)

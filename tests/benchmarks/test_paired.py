@@ -18,14 +18,17 @@ def test_parse_variant_reads_flags_and_rejects_what_cannot_run():
     assert parse_variant("forces+level=full") == Variant("forces+level=full", forces=True, level="FULL")
     assert parse_variant("ftrain+low") == Variant("ftrain+low", force_training=True, low_memory=True)
     assert parse_variant("forces+nokeep") == Variant("forces+nokeep", forces=True, no_kept_layouts=True)
-    assert parse_variant("ftrain+unchunked") == Variant("ftrain+unchunked", force_training=True, unchunked=True)
+    assert parse_variant("ftrain+unchunked") == Variant("ftrain+unchunked", force_training=True, unchunked=True,
+                                                        reference_double=True)
+    assert parse_variant("ftrain+refdouble") == Variant("ftrain+refdouble", force_training=True,
+                                                        reference_double=True)
     for bad, words in (("fast", "unknown flag 'fast'"), ("seg=2", "add 'low'"), ("low+seg=0", "positive integer"),
                        ("low+seg=x", "positive integer"), ("infer+low", "would change nothing"),
                        ("forces+oib", "would change nothing"), ("infer+forces", "choose one"),
                        ("+", "empty variant"), ("cache", "'infer' and 'forces' only"), ("wgrad", "'forces' only"),
                        ("level=fast", "names no fusion level"), ("ftrain+forces", "training step of its own"),
                        ("ftrain+oib", "training step of its own"),
-                       ("forces+unchunked", "'ftrain' only")):
+                       ("forces+unchunked", "'ftrain' only"), ("infer+refdouble", "'ftrain' only")):
         with pytest.raises(ValueError, match=words):
             parse_variant(bad)
 
