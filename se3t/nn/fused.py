@@ -1062,6 +1062,8 @@ class _FusedConvVJP(torch.autograd.Function):
             need_in[1] = _engine_uses(ctx, sum(t is not None for t in grad_outs) + 1)
         grad_g: List[Optional[Tensor]] = [None] * n
         grad_in: List[Optional[Tensor]] = [None] * len(inputs)
+        # the calls below with the same W lay its weights out once (this backward's own, unless kept already)
+        shared = ctx.layouts if ctx.layouts is not None else {}
 
         def add(acc: List[Optional[Tensor]], k: int, value: Optional[Tensor]) -> None:
             if value is not None:
@@ -1074,7 +1076,7 @@ class _FusedConvVJP(torch.autograd.Function):
             for i in group:  # (the kernel reads contiguous inputs in the compute dtype, as fused_conv gives them)
                 replaced[i] = (torch.zeros_like(inputs[i]) if us[i] is None
                                else us[i].to(inputs[i].dtype).contiguous())
-            layouts = None if 1 in group else ctx.layouts  # laid-out weights serve calls with the same W only
+            layouts = None if 1 in group else shared  # laid-out weights serve calls with the same W only
             if any(need_g):  # the derivative of the outputs in the direction u_i
                 outs = _FusedConv.apply((call.chunk, call.blockwise, layouts, False), call.blocks, call.num_x,
                                         call.rows, call.x_index, call.with_sh, call.weight_map, call.single_output,
