@@ -277,6 +277,11 @@ def paired(variants: Sequence[Variant], batches: List[dict], *, config: dict = P
     return result
 
 
+def _peak_change(ratio: float) -> str:
+    """A variant's live peak over the baseline's, in words: ``"2.50x lower"`` or ``"1.30x higher"``."""
+    return f"{1 / ratio:.2f}x lower" if ratio < 1 else f"{ratio:.2f}x higher"
+
+
 def markdown(result: dict) -> str:
     """The result as a Markdown report: header, how it was measured, one row per variant."""
     m, s = result["machine"], result["settings"]
@@ -307,7 +312,7 @@ def markdown(result: dict) -> str:
                      f"{r['median']:.3f} | {r['interval_low']:.3f} - {r['interval_high']:.3f} | "
                      f"{r['min']:.3f} - {r['max']:.3f} | "
                      + ("-" if peak is None else f"{peak / 2 ** 20:.2f} MiB") + " | "
-                     + (f"{1 / e['live_peak_ratio']:.2f}x lower" if e is not result["variants"][0]
+                     + (_peak_change(e["live_peak_ratio"]) if e is not result["variants"][0]
                         and e.get("live_peak_ratio") else "-") + " |")
     return "\n".join(lines) + "\n"
 

@@ -104,3 +104,9 @@ def test_paired_needs_a_baseline_and_another_variant():
     from benchmarks.paired import paired
     with pytest.raises(ValueError, match="at least two variants"):
         paired([Variant("default")], [])
+
+
+def test_peak_change_names_the_direction():
+    from benchmarks.paired import _peak_change
+    assert _peak_change(0.25) == "4.00x lower" and _peak_change(4.0) == "4.00x higher"
+    assert _peak_change(1.0) == "1.00x higher"
