@@ -1035,7 +1035,10 @@ class _FusedConvVJP(torch.autograd.Function):
     with group ``i`` replaced by them: the outputs' gradients get ``sum_i F(i <- u_i)`` (a fused forward: the
     kernel's derivative in the direction ``u_i``), and each input outside group ``i`` gets the gradient of
     ``F(i <- u_i)`` for the same outputs' gradients (a fused backward). Both run as these two functions, so
-    higher derivatives exist too. Nothing per edge is stored beyond the inputs and the outputs' gradients.
+    higher derivatives exist too. Nothing per edge is stored beyond the inputs and the outputs' gradients. The
+    features' and materialised bases' directions share one call: joined along the dimension the bases contract,
+    ``[Bt, u_Bt] @ [u_x, x]^T = Bt @ u_x^T + u_Bt @ x^T``, whose gradients hold both cross terms (the edge frame's
+    force training: two calls per conv instead of three, each a forward and a backward).
     """
 
     @staticmethod
@@ -1069,24 +1072,47 @@ class _FusedConvVJP(torch.autograd.Function):
             if value is not None:
                 acc[k] = value if acc[k] is None else acc[k] + value
 
-        for group in _linear_groups(call.num_x, call.with_sh, len(inputs)):
-            if all(us[i] is None for i in group):
-                continue
-            replaced = list(inputs)
-            for i in group:  # (the kernel reads contiguous inputs in the compute dtype, as fused_conv gives them)
-                replaced[i] = (torch.zeros_like(inputs[i]) if us[i] is None
-                               else us[i].to(inputs[i].dtype).contiguous())
-            layouts = None if 1 in group else shared  # laid-out weights serve calls with the same W only
-            if any(need_g):  # the derivative of the outputs in the direction u_i
+        def direction(i: int) -> Tensor:  # (contiguous, in the compute dtype: as fused_conv gives the kernel)
+            return torch.zeros_like(inputs[i]) if us[i] is None else us[i].to(inputs[i].dtype).contiguous()
+
+        def run(replaced: List[Tensor], skip: Sequence[int], layouts: Optional[dict]) -> Tuple[Optional[Tensor], ...]:
+            """One call on ``replaced``: its outputs add to the outputs' gradients, and its gradients for the inputs
+            not in ``skip`` are returned."""
+            if any(need_g):
                 outs = _FusedConv.apply((call.chunk, call.blockwise, layouts, False), call.blocks, call.num_x,
                                         call.rows, call.x_index, call.with_sh, call.weight_map, call.single_output,
                                         *replaced)
                 for k, out in enumerate(outs):
                     add(grad_g, k, out if need_g[k] else None)
-            others = tuple(nd and k not in group for k, nd in enumerate(need_in))
-            if any(others):
-                for k, grad in enumerate(_FusedConvVJP.apply(call, others, layouts, n, *grad_outs, *replaced)):
-                    add(grad_in, k, grad)
+            wanted = tuple(nd and k not in skip for k, nd in enumerate(need_in))
+            return _FusedConvVJP.apply(call, wanted, layouts, n, *grad_outs, *replaced) if any(wanted) else ()
+
+        all_groups = _linear_groups(call.num_x, call.with_sh, len(inputs))
+        groups = [group for group in all_groups if any(us[i] is not None for i in group)]
+        features, bases = all_groups[2], all_groups[3]
+        # materialised bases and features in one call: joined along the dimension the bases contract,
+        # [Bt, u_Bt] @ [u_x, x]^T = Bt @ u_x^T + u_Bt @ x^T (harmonics make their bases inside the kernel)
+        joined = not call.with_sh and features in groups and bases in groups
+        for group in groups:
+            if joined and group in (features, bases):
+                continue
+            replaced = list(inputs)
+            for i in group:
+                replaced[i] = direction(i)
+            # laid-out weights serve calls with the same W only
+            for k, grad in enumerate(run(replaced, group, None if 1 in group else shared)):
+                add(grad_in, k, grad)
+        if joined:
+            replaced = list(inputs)
+            for i in features:
+                replaced[i] = torch.cat([direction(i), inputs[i]], dim=2)
+            for i in bases:
+                replaced[i] = torch.cat([inputs[i], direction(i)], dim=2)
+            for k, grad in enumerate(run(replaced, (), shared)):
+                if grad is not None and (k in features or k in bases):  # the halves that multiplied u_Bt, u_x
+                    L = inputs[k].shape[2]
+                    grad = grad[..., L:] if k in features else grad[..., :L]
+                add(grad_in, k, grad)
         return (None,) * 4 + tuple(grad_g) + tuple(grad_in)
 
 
