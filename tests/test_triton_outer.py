@@ -119,8 +119,8 @@ def test_outer_kernels_reject_bad_layouts(triton_outer):
 def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, precision, variant, monkeypatch):
     """A ConvSE3 (degrees 0-2, every block kind: K = 1 and 2 rows, several parts, self-interaction) with its
     blocks in the Triton kernels against the PyTorch paths, outputs and gradients of inputs, parameters and (FULL)
-    positions, in float32 (strict: no TF32) and, on CUDA, under bf16 autocast (within bf16's rounding of either
-    path). Scalar edge features: the kernel gathers the source nodes' features itself; with degree-1 edge
+    positions, and (FULL) parameter gradients of a loss on the forces, in float32 (strict: no TF32) and, on CUDA,
+    under bf16 autocast (within bf16's rounding of either path). Scalar edge features: the kernel gathers the source nodes' features itself; with degree-1 edge
     features it takes edge-level inputs, here also one block at a time (``blockwise_kernel``, low memory's)."""
     from se3t import get_basis
     from se3t.nn import fused
@@ -146,7 +146,11 @@ def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, prec
             out = conv(x, edge, torch.cat([edge[0].squeeze(-1), safe_norm(rel)[0]], -1), ei, get_basis(rel, 2))
         loss = sum((o.sin() * (d + 1)).sum() for d, o in out.items())
         wrt = ([pos] if pos.requires_grad else []) + [*x.values(), *conv.parameters()]
-        return [*out.values(), *torch.autograd.grad(loss, wrt)]
+        grads = torch.autograd.grad(loss, wrt, create_graph=pos.requires_grad)
+        if pos.requires_grad:  # training on forces: second derivatives through the kernels too
+            second = torch.autograd.grad(grads[0].pow(2).sum(), list(conv.parameters()), allow_unused=True)
+            grads = [*grads, *(g for g in second if g is not None)]
+        return [*out.values(), *grads]
 
     calls = {"forward": 0, "backward": 0}
 
@@ -166,7 +170,9 @@ def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, prec
         fast = run("always")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    assert calls["forward"] >= 3 and calls["backward"] == calls["forward"]  # every block ran in the kernels
+    assert calls["forward"] >= 3 and calls["backward"] >= 3  # every block ran in the kernels
+    if not pos.requires_grad:  # (with forces, the second derivatives add forwards and backwards of their own)
+        assert calls["backward"] == calls["forward"]
     for a, b in zip(reference, fast):
         assert _rel(b, a) < (1e-5 if precision == "fp32" else 3e-2)
 
