@@ -341,6 +341,30 @@ def test_fused_kernel_second_derivatives_are_differentiable(order, monkeypatch):
         assert a.abs().max() > 0 and torch.allclose(a, b, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("mask", [(1, 1, 0, 1, 1, 0, 1), (1, 0, 1, 1, 0, 1, 1), (0, 1, 1, 0, 1, 1, 0),
+                                  (1, 1, 1, 1, 0, 0, 0), (1, 1, 0, 0, 1, 1, 1)])
+def test_fused_second_derivatives_with_some_inputs_constant(mask, monkeypatch):
+    """Second derivatives when only some inputs require grad (``mask``: h, W, two features, three bases): groups
+    with no direction, and the joined features-and-bases call with some of either constant (zero directions)."""
+    from se3t.nn import fused
+    from se3t.nn.fused import BlockSpec, PartSpec, fused_conv
+    monkeypatch.setattr(fused, "GROUP_EDGES", 2)
+    E, g = 5, torch.Generator().manual_seed(3)
+    shapes = [(E, 4), (31, 4), (E, 2, 1), (E, 3, 3), (E, 3, 1), (E, 9, 3), (E, 1, 3)]
+    inputs = [torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_(bool(m))
+              for shape, m in zip(shapes, mask)]
+    blocks = [BlockSpec(0, 2, 3, 11, (PartSpec(0, 0, 0, 1, 2), PartSpec(1, 1, 2, 3, 3))),
+              BlockSpec(22, 3, 1, 3, (PartSpec(1, 2, 0, 1, 3),))]
+    rows = torch.randperm(31, generator=g)
+
+    def fn(*variables):
+        given = iter(variables)
+        full = [next(given) if t.requires_grad else t for t in inputs]
+        return fused_conv(full[0], full[1], rows, blocks, full[2:4], full[4:], chunk=2)
+
+    assert torch.autograd.gradgradcheck(fn, [t for t in inputs if t.requires_grad])
+
+
 @pytest.mark.parametrize("order", KERNEL_ORDERS)
 @pytest.mark.parametrize("parallel", [False, True], ids=["calling-thread", "worker-threads"])
 def test_fused_kernel_from_harmonics_gradcheck(parallel, order, monkeypatch):
