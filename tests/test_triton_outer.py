@@ -120,8 +120,9 @@ def test_conv_with_triton_kernels_matches_pytorch_path(triton_outer, level, prec
     """A ConvSE3 (degrees 0-2, every block kind: K = 1 and 2 rows, several parts, self-interaction) with its
     blocks in the Triton kernels against the PyTorch paths, outputs and gradients of inputs, parameters and (FULL)
     positions, and (FULL) parameter gradients of a loss on the forces, in float32 (strict: no TF32) and, on CUDA,
-    under bf16 autocast (within bf16's rounding of either path). Scalar edge features: the kernel gathers the source nodes' features itself; with degree-1 edge
-    features it takes edge-level inputs, here also one block at a time (``blockwise_kernel``, low memory's)."""
+    under bf16 autocast (within bf16's rounding of either path). Scalar edge features: the kernel gathers the
+    source nodes' features itself; with degree-1 edge features it takes edge-level inputs, here also one block at
+    a time (``blockwise_kernel``, low memory's)."""
     from se3t import get_basis
     from se3t.nn import fused
 
