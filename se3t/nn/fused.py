@@ -1121,7 +1121,6 @@ class _FusedConvVJP(torch.autograd.Function):
         return (None,) * 4 + tuple(grad_g) + tuple(grad_in)
 
 
-
 @torch.compiler.disable  # a hand-scheduled kernel: compiling would unroll its chunk loops (one graph break instead)
 def fused_conv(h: Tensor, W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], xs: Sequence[Tensor],
                bts: Sequence[Tensor], chunk: Optional[int] = None, x_index: Optional[Tensor] = None,
