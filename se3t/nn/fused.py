@@ -1031,6 +1031,23 @@ def _linear_groups(num_x: int, with_sh: bool, num_inputs: int) -> Tuple[range, .
     return range(0, 1), range(1, 2), range(2, 2 + num_x), range(2 + num_x, bases_end)
 
 
+def _joined_projection(M: Tensor, block: BlockSpec, dims: Sequence[int], S: int) -> Tensor:
+    """Block ``block``'s projection ``M [S_j, W_j]`` of harmonics ``sh [E, S]`` made into one of ``[sh, u_sh] [E,
+    2S]`` (its first ``S + S_j`` columns) whose parts are ``[Bt, u_Bt]`` side by side along the last dimension
+    (``dims``: each part's ``L``; ``2L`` in the new part): :class:`_FusedConvVJP`'s joined call with harmonics."""
+    S_j, K = M.shape[0], block.K
+    out = M.new_zeros(S + S_j, 2 * M.shape[1])
+    col = 0
+    for p, L in zip(block.parts, dims):
+        w = K * p.F * L
+        part = M[:, col:col + w].view(S_j, K * p.F, L)
+        joined = out[:, 2 * col:2 * (col + w)].view(S + S_j, K * p.F, 2 * L)
+        joined[:S_j, :, :L] = part       # Bt from sh
+        joined[S:, :, L:] = part         # u_Bt from u_sh
+        col += w
+    return out
+
+
 class _FusedConvVJP(torch.autograd.Function):
     """The fused backward as a function of the outputs' gradients and the inputs: a backward with ``create_graph``
     (training on forces) returns its results, and their own gradients are fused calls again.
@@ -1041,9 +1058,10 @@ class _FusedConvVJP(torch.autograd.Function):
     kernel's derivative in the direction ``u_i``), and each input outside group ``i`` gets the gradient of
     ``F(i <- u_i)`` for the same outputs' gradients (a fused backward). Both run as these two functions, so
     higher derivatives exist too. Nothing per edge is stored beyond the inputs and the outputs' gradients. The
-    features' and materialised bases' directions share one call: joined along the dimension the bases contract,
-    ``[Bt, u_Bt] @ [u_x, x]^T = Bt @ u_x^T + u_Bt @ x^T``, whose gradients hold both cross terms (the edge frame's
-    force training: two calls per conv instead of three, each a forward and a backward).
+    features' and the bases' directions share one call: joined along the dimension the bases contract,
+    ``[Bt, u_Bt] @ [u_x, x]^T = Bt @ u_x^T + u_Bt @ x^T``, whose gradients hold both cross terms (with harmonics,
+    ``[sh, u_sh]`` and projections that make both halves: :func:`_joined_projection`). Force training: two calls
+    per conv instead of three, each a forward and a backward.
     """
 
     @staticmethod
@@ -1095,9 +1113,9 @@ class _FusedConvVJP(torch.autograd.Function):
         all_groups = _linear_groups(call.num_x, call.with_sh, len(inputs))
         groups = [group for group in all_groups if any(us[i] is not None for i in group)]
         features, bases = all_groups[2], all_groups[3]
-        # materialised bases and features in one call: joined along the dimension the bases contract,
-        # [Bt, u_Bt] @ [u_x, x]^T = Bt @ u_x^T + u_Bt @ x^T (harmonics make their bases inside the kernel)
-        joined = not call.with_sh and features in groups and bases in groups
+        # the features' and the bases' directions in one call: joined along the dimension the bases contract,
+        # [Bt, u_Bt] @ [u_x, x]^T = Bt @ u_x^T + u_Bt @ x^T
+        joined = features in groups and bases in groups
         for group in groups:
             if joined and group in (features, bases):
                 continue
@@ -1111,11 +1129,18 @@ class _FusedConvVJP(torch.autograd.Function):
             replaced = list(inputs)
             for i in features:
                 replaced[i] = torch.cat([direction(i), inputs[i]], dim=2)
-            for i in bases:
-                replaced[i] = torch.cat([inputs[i], direction(i)], dim=2)
+            if call.with_sh:  # harmonics [sh, u_sh], and projections that make each part's [Bt, u_Bt] from them
+                sh = inputs[bases[0]]
+                replaced[bases[0]] = torch.cat([sh, direction(bases[0]).to(sh.dtype)], dim=1)
+                for j, b in enumerate(call.blocks):
+                    dims = [inputs[2 + q.x].shape[2] for q in b.parts]
+                    replaced[bases[0] + 1 + j] = _joined_projection(inputs[bases[0] + 1 + j], b, dims, sh.shape[1])
+            else:
+                for i in bases:
+                    replaced[i] = torch.cat([inputs[i], direction(i)], dim=2)
             for k, grad in enumerate(run(replaced, (), shared)):
-                if grad is not None and (k in features or k in bases):  # the halves that multiplied u_Bt, u_x
-                    L = inputs[k].shape[2]
+                if grad is not None and (k in features or k in bases):  # the parts that multiplied u_Bt, u_x
+                    L = inputs[k].shape[-1]
                     grad = grad[..., L:] if k in features else grad[..., :L]
                 add(grad_in, k, grad)
         return (None,) * 4 + tuple(grad_g) + tuple(grad_in)
