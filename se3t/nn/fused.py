@@ -125,8 +125,8 @@ KEEP_LAYOUTS_MAX_EDGES = 256
 #: plain-autograd form instead (:func:`_differentiable_backward`, the reference; tests compare). Paper model,
 #: EDGE_FRAME, 2-core Zen 4, a step on energies and forces against a plain training step, interleaved in one
 #: process (``python -m benchmarks.paired --variants default,ftrain+refdouble,ftrain``): batch 100 (QM9) 3.32x
-#: (8.7 s) against the reference's 9.91x (25.3 s), live peak 679 against 780 MiB; batch 10 3.26x against 5.22x,
-#: 107 against 202 MiB (the reference over all edges at once: 3.66x at 984 MiB).
+#: (8.7 s) against the reference's 9.91x (25.3 s), live peak 679 against 780 MiB; batch 10 3.23x against 5.49x,
+#: 107 against 202 MiB (the reference over all edges at once: 3.54x at 984 MiB).
 FUSED_DOUBLE_BACKWARD = True
 #: The reference's chunks (``FUSED_DOUBLE_BACKWARD = False``): at most this many kernel weights ``R`` per block
 #: and chunk of edges, each chunk under a checkpoint. 0: all edges at once, no checkpoint.
