@@ -87,6 +87,15 @@ def check_features(features: Mapping[int, Tensor], fiber: Fiber, num_rows: Optio
                              f"(rows, channels, 2d+1) for fiber {fiber}, got {list(t.shape)}")
 
 
+def check_input_dtypes(param_dtype: torch.dtype, inputs: Mapping[str, Tensor]) -> None:
+    """Floating ``inputs`` (name -> tensor) must be in the model's parameter dtype; outside autocast (which casts
+    them itself) a mix otherwise fails deep inside a matmul, or works for some combinations only."""
+    for name, t in inputs.items():
+        if t.dtype != param_dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name} is {t.dtype} but the model's parameters are {param_dtype}: convert the inputs "
+                            f"(.to({param_dtype})) or the model (model.to({t.dtype}))")
+
+
 def check_edge_index(edge_index: Tensor, num_nodes: int) -> None:
     if not isinstance(edge_index, Tensor):
         raise TypeError(f"edge_index must be a Tensor, got {type(edge_index).__name__}")

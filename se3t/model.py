@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._validate import check_edge_index, check_features, check_graph_index, check_pos
+from ._validate import check_edge_index, check_features, check_graph_index, check_input_dtypes, check_pos
 from .basis import Basis, get_basis, safe_norm
 from .fiber import Features, Fiber
 from .graph import DestinationBlock, destination_blocks
@@ -222,6 +222,10 @@ class SE3Transformer(nn.Module):
         E = edge_index.shape[1]
         edge_feats = dict(edge_feats) if edge_feats else {}
         check_features(edge_feats, self.fiber_edge, E, "edge_feats")
+        param = next(self.parameters(), None)
+        if param is not None:
+            check_input_dtypes(param.dtype, {"pos": pos, **{f"node_feats[{d}]": t for d, t in node_feats.items()},
+                                             **{f"edge_feats[{d}]": t for d, t in edge_feats.items()}})
         if self.pooling is not None:
             if graph_index is None:
                 raise ValueError("graph_index is required when the model pools per graph")

@@ -361,6 +361,9 @@ def test_precomputed_basis_is_used_and_checked():
     ("index_shape", ValueError, r"edge_index must have shape \[2, E\]"),
     ("edge_rows", ValueError, r"edge_feats\[0\] must have shape"),
     ("int_feats", TypeError, "floating point"),
+    ("pos_dtype", TypeError, "pos is torch.float32 but the model's parameters are torch.float64"),
+    ("feats_dtype", TypeError, r"node_feats\[1\] is torch.float32 but the model's parameters are torch.float64"),
+    ("edge_dtype", TypeError, r"edge_feats\[0\] is torch.float32"),
 ])
 def test_bad_input_errors(case, error, match):
     model = make_model()
@@ -387,6 +390,12 @@ def test_bad_input_errors(case, error, match):
         e[0] = e[0][:-1]
     elif case == "int_feats":
         x[0] = x[0].long()
+    elif case == "pos_dtype":  # (a float64 model with float32 positions used to run, other mixes failed in a matmul)
+        pos = pos.float()
+    elif case == "feats_dtype":
+        x[1] = x[1].float()
+    elif case == "edge_dtype":
+        e[0] = e[0].float()
     with pytest.raises(error, match=match):
         model(x, ei, pos, e)
 
