@@ -39,7 +39,10 @@ class NormSE3(nn.Module):
     def forward(self, features: Features) -> Features:
         check_features(features, self.fiber, None, "features")
         degrees = self.fiber.degrees
-        norms = [features[d].norm(dim=-1, keepdim=True).clamp(min=self.NORM_CLAMP) for d in degrees]
+        # max(|x|, clamp) as sqrt(max(|x|^2, clamp^2)): the same values, and where |x| is below the clamp (zero
+        # features of padding atoms) the gradient is masked before any division, to every order (torch.norm's
+        # second derivative at zero is 0/0: NaN parameter gradients when training on forces)
+        norms = [features[d].pow(2).sum(-1, keepdim=True).clamp(min=self.NORM_CLAMP ** 2).sqrt() for d in degrees]
         if hasattr(self, "group_norm"):
             fused = torch.cat(norms, dim=-2).squeeze(-1)  # [N, sum C]
             new_norms = self.nonlinearity(self.group_norm(fused)).unsqueeze(-1).chunk(len(degrees), dim=-2)
