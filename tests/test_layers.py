@@ -61,11 +61,23 @@ def test_norm_group_path_equals_layer_norm_path():
 
 
 def test_norm_zero_features_finite():
-    layer = NormSE3(Fiber({1: 3})).double()
-    x = {1: torch.zeros(2, 3, 3, dtype=torch.float64, requires_grad=True)}
-    out = layer(x)[1]
-    out.sum().backward()
-    assert torch.isfinite(out).all() and torch.isfinite(x[1].grad).all()
+    """Zero features (padding atoms) give finite outputs, gradients and second derivatives (a loss on a
+    gradient, as training on forces makes), also in float16, where the clamp's square underflows."""
+    layer = NormSE3(Fiber({0: 3, 1: 3})).double()
+    x = {0: torch.randn(2, 3, 1, dtype=torch.float64), 1: torch.randn(2, 3, 3, dtype=torch.float64)}
+    x[1][0] = 0
+    x = {d: t.requires_grad_(True) for d, t in x.items()}
+    out = layer(x)
+    grad, = torch.autograd.grad(sum((o.sin()).sum() for o in out.values()), x[1], create_graph=True)
+    grad.pow(2).sum().backward()
+    assert all(torch.isfinite(o).all() for o in out.values()) and torch.isfinite(grad).all()
+    assert all(torch.isfinite(t.grad).all() for t in (x[0], x[1], *layer.parameters()))
+    # the norms: torch.norm's, clamped, in every dtype
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        half = {d: t.detach().to(dtype) for d, t in x.items()}
+        assert all(torch.isfinite(o).all() for o in layer.to(dtype)(half).values())
+        expected = half[1].norm(dim=-1, keepdim=True).clamp(min=NormSE3.NORM_CLAMP)
+        torch.testing.assert_close(layer._clamped_norm(half[1]), expected)
 
 
 @pytest.mark.parametrize("radial", ["conv", "output_degree", "input_degree", "pair"])

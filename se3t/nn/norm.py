@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..fiber import Features, Fiber
 from .._validate import check_features
@@ -39,10 +39,7 @@ class NormSE3(nn.Module):
     def forward(self, features: Features) -> Features:
         check_features(features, self.fiber, None, "features")
         degrees = self.fiber.degrees
-        # max(|x|, clamp) as sqrt(max(|x|^2, clamp^2)): the same values, and where |x| is below the clamp (zero
-        # features of padding atoms) the gradient is masked before any division, to every order (torch.norm's
-        # second derivative at zero is 0/0: NaN parameter gradients when training on forces)
-        norms = [features[d].pow(2).sum(-1, keepdim=True).clamp(min=self.NORM_CLAMP ** 2).sqrt() for d in degrees]
+        norms = [self._clamped_norm(features[d]) for d in degrees]
         if hasattr(self, "group_norm"):
             fused = torch.cat(norms, dim=-2).squeeze(-1)  # [N, sum C]
             new_norms = self.nonlinearity(self.group_norm(fused)).unsqueeze(-1).chunk(len(degrees), dim=-2)
@@ -52,6 +49,14 @@ class NormSE3(nn.Module):
         # x * (new|x| / |x|): the scale is [N, C, 1], so backward keeps x (already kept by the norm) and the small
         # scale, not a second feature-sized tensor x / |x|.
         return {d: features[d] * (nn_ / n) for d, n, nn_ in zip(degrees, norms, new_norms)}
+
+    def _clamped_norm(self, x: Tensor) -> Tensor:
+        """``max(|x|, NORM_CLAMP)`` over the components, ``[N, C, 1]``, as ``sqrt(max(|x|^2, NORM_CLAMP^2))``: where
+        ``|x|`` is below the clamp (zero features of padding atoms) the gradient is masked before any division, to
+        every order (``torch.norm``'s second derivative at zero is 0/0: NaN parameter gradients when training on
+        forces). The square is summed in at least float32: ``NORM_CLAMP^2`` underflows to 0 in float16."""
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        return wide.pow(2).sum(-1, keepdim=True).clamp(min=self.NORM_CLAMP ** 2).sqrt().to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"fiber={self.fiber}"
