@@ -84,7 +84,7 @@ def test_forces_in_padded_batches(small_qm9, buckets):
 
 
 @pytest.mark.parametrize("level", ["EDGE_FRAME", "NONE"])
-def test_force_training_on_padded_batches_has_finite_gradients(small_qm9, buckets, level):
+def test_force_training_on_padded_batches_has_finite_gradients(small_qm9, buckets, level, monkeypatch):
     """A loss on forces (create_graph) over a padded batch: the padding atoms' zero features sit at the norm's
     clamp, where torch.norm's second derivative is 0/0; every parameter gradient must be finite, and equal with
     fused and reference second derivatives."""
@@ -100,15 +100,12 @@ def test_force_training_on_padded_batches_has_finite_gradients(small_qm9, bucket
               for k, v in batch.model_inputs().items()}
     grads = []
     for fused_double in (True, False):
-        fused.FUSED_DOUBLE_BACKWARD, saved = fused_double, fused.FUSED_DOUBLE_BACKWARD
-        try:
-            model.zero_grad(set_to_none=True)
-            pos = inputs["pos"].clone().requires_grad_(True)
-            energy = model(**dict(inputs, pos=pos))[batch.graph_mask].sum()
-            forces, = torch.autograd.grad(energy, pos, create_graph=True)
-            (energy + forces.pow(2).sum()).backward()
-        finally:
-            fused.FUSED_DOUBLE_BACKWARD = saved
+        monkeypatch.setattr(fused, "FUSED_DOUBLE_BACKWARD", fused_double)
+        model.zero_grad(set_to_none=True)
+        pos = inputs["pos"].clone().requires_grad_(True)
+        energy = model(**dict(inputs, pos=pos))[batch.graph_mask].sum()
+        forces, = torch.autograd.grad(energy, pos, create_graph=True)
+        (energy + forces.pow(2).sum()).backward()
         grads.append([p.grad for p in model.parameters() if p.grad is not None])
     assert grads[0] and all(torch.isfinite(g).all() for g in grads[0])
     for a, b in zip(*grads):
