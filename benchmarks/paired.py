@@ -30,6 +30,9 @@ measure). A variant is a ``+``-joined set of flags (``default``: none of them):
   (``DOUBLE_BACKWARD_CHUNK_VALUES`` set to 0 as well);
 * ``nokeep``: calls on few edges lay their weights out again in backward (``se3t.nn.fused.KEEP_LAYOUTS_MAX_EDGES``
   set to 0, the reference, during this variant's steps);
+* ``densemaps``: the edge frame's weights mapped by gathers and ``bmm`` instead of sparse products
+  (``se3t.nn.edge_frame_conv.SPARSE_MAPS`` off, the reference); ``copies``: calls on few edges copy their weights
+  into contiguous or outer-order GEMM layouts anyway (``se3t.nn.fused.LAYOUT_COPY_MIN_EDGES`` set to 0, the reference);
 * ``cache``: with ``infer`` or ``forces``, inside ``se3t.cached_kernel_weights(model)`` (the kernel weights laid
   out once, in the warm-up);
 * ``level=NAME``: this variant's fusion level (``FULL``, ``EDGE_FRAME``, ...) instead of ``--level``'s.
@@ -57,7 +60,7 @@ import torch.nn.functional as F
 
 import se3t
 from se3t import FuseLevel
-from se3t.nn import fused
+from se3t.nn import edge_frame_conv, fused
 from se3t.runtime.optim import StepInBackward
 
 from .cells import _prediction, build_model, model_inputs, train_optimizer
@@ -87,13 +90,16 @@ class Variant(NamedTuple):
     no_kept_layouts: bool = False  # se3t.nn.fused.KEEP_LAYOUTS_MAX_EDGES = 0 (the reference)
     reference_double: bool = False  # ftrain with se3t.nn.fused.FUSED_DOUBLE_BACKWARD = False (the reference)
     unchunked: bool = False        # ... and DOUBLE_BACKWARD_CHUNK_VALUES = 0 (all edges at once)
+    dense_maps: bool = False       # se3t.nn.edge_frame_conv.SPARSE_MAPS = False (the reference)
+    layout_copies: bool = False    # se3t.nn.fused.LAYOUT_COPY_MIN_EDGES = 0 (the reference)
     level: str = ""             # fusion level; "": the run's
 
 
 #: flag -> Variant field, for the flags that switch a field on
 _SWITCHES = {"low": "low_memory", "oib": "optimizer_in_backward", "infer": "infer", "cache": "cache",
              "forces": "forces", "wgrad": "weight_gradient", "ftrain": "force_training",
-             "nokeep": "no_kept_layouts", "refdouble": "reference_double", "unchunked": "unchunked"}
+             "nokeep": "no_kept_layouts", "refdouble": "reference_double", "unchunked": "unchunked",
+             "densemaps": "dense_maps", "copies": "layout_copies"}
 
 
 def parse_variant(text: str) -> Variant:
@@ -222,29 +228,34 @@ def _variant_step(variant: Variant, config: dict, level: str, batches: List[dict
 
 
 def _with_kernel_settings(variant: Variant, step: Callable[[int], None]) -> Callable[[int], None]:
-    """``step`` with the fused kernel's switches the variant asks for (``wgrad``, ``nokeep``, ``refdouble``,
-    ``unchunked``) set during each of its steps only (the variants' steps are interleaved)."""
+    """``step`` with the kernel switches the variant asks for (``wgrad``, ``nokeep``, ``refdouble``,
+    ``unchunked``, ``densemaps``, ``copies``) set during each of its steps only (the variants' steps are
+    interleaved)."""
     settings = {}
     if variant.weight_gradient:
-        settings["SKIP_UNUSED_WEIGHT_GRADIENT"] = False
+        settings[fused, "SKIP_UNUSED_WEIGHT_GRADIENT"] = False
     if variant.no_kept_layouts:
-        settings["KEEP_LAYOUTS_MAX_EDGES"] = 0
+        settings[fused, "KEEP_LAYOUTS_MAX_EDGES"] = 0
     if variant.reference_double:
-        settings["FUSED_DOUBLE_BACKWARD"] = False
+        settings[fused, "FUSED_DOUBLE_BACKWARD"] = False
     if variant.unchunked:
-        settings["DOUBLE_BACKWARD_CHUNK_VALUES"] = 0
+        settings[fused, "DOUBLE_BACKWARD_CHUNK_VALUES"] = 0
+    if variant.dense_maps:
+        settings[edge_frame_conv, "SPARSE_MAPS"] = False
+    if variant.layout_copies:
+        settings[fused, "LAYOUT_COPY_MIN_EDGES"] = 0
     if not settings:
         return step
 
     def run(i: int) -> None:
-        saved = {name: getattr(fused, name) for name in settings}
+        saved = {(module, name): getattr(module, name) for module, name in settings}
         try:
-            for name, value in settings.items():
-                setattr(fused, name, value)
+            for (module, name), value in settings.items():
+                setattr(module, name, value)
             step(i)
         finally:
-            for name, value in saved.items():
-                setattr(fused, name, value)
+            for (module, name), value in saved.items():
+                setattr(module, name, value)
     return run
 
 

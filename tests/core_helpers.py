@@ -28,13 +28,16 @@ def random_graph(num_nodes: int = 12, p: float = 0.35, dtype=torch.float64, num_
     return pos, torch.cat(edges, dim=1), torch.tensor(graph_index)
 
 
-#: The fused kernel's two orders for one-row blocks (``se3t.nn.fused.ONE_ROW_OUTER``): "outer" for every such
-#: block (the default threshold applies it only to wide blocks, which small test layers do not have), or "R" for
-#: none.
-KERNEL_ORDERS = ["outer", "R"]
+#: The fused kernel's orders and layouts: "outer" for every one-row block (``se3t.nn.fused.ONE_ROW_OUTER``; the
+#: default threshold applies it only to wide blocks, which small test layers do not have), "R" for none, both with
+#: the weights copied into their GEMM layouts whatever the number of edges; "rows": every block in the R order
+#: reading its weights' rows transposed, as calls on few edges do (``LAYOUT_COPY_MIN_EDGES``; test graphs are
+#: small, so without these settings they would run that way only).
+KERNEL_ORDERS = ["outer", "R", "rows"]
 
 
 def set_kernel_order(monkeypatch, order: str) -> None:
     from se3t.nn import fused
     monkeypatch.setattr(fused, "ONE_ROW_OUTER", order == "outer")
     monkeypatch.setattr(fused, "ONE_ROW_OUTER_MIN_RATIO", 0)
+    monkeypatch.setattr(fused, "LAYOUT_COPY_MIN_EDGES", 1 << 62 if order == "rows" else 0)

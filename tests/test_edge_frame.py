@@ -337,11 +337,30 @@ def test_command_line_offers_every_level_and_defaults_to_edge_frame():
     assert inspect.signature(SE3Transformer.__init__).parameters["fuse_level"].default == FuseLevel.EDGE_FRAME
 
 
-def test_slot_weights_map_is_linear_with_its_adjoint_and_never_stored(monkeypatch):
+def test_a_used_edge_frame_conv_copies_and_pickles(tmp_path):
+    """After calls have made its sparse maps (which cannot be copied or pickled), a conv deep-copies and saves
+    whole, and the copies compute the same."""
+    import copy
+    layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 3, 2: 1}), Fiber({0: 2}), fuse_level="EDGE_FRAME").double()
+    pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
+    before = _run(layer, ei, x, pos, e, 3)
+    assert any(m is not None for m in layer._frame_plans[0]._block_sparse.values())
+    torch.save(layer, tmp_path / "conv.pt")
+    for twin in (copy.deepcopy(layer), torch.load(tmp_path / "conv.pt", weights_only=False)):
+        after = _run(twin, ei, x, pos, e, 3)
+        assert all(torch.equal(before[d], after[d]) for d in before)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "gather"])
+def test_slot_weights_map_is_linear_with_its_adjoint_and_never_stored(monkeypatch, sparse):
+    """The block-by-block map and adjoint (CPU: sparse products, or the gathers and bmm that autograd and the
+    reference use) against the all-at-once references."""
     from se3t.nn import edge_frame_conv
+    monkeypatch.setattr(edge_frame_conv, "SPARSE_MAPS", sparse)
     layer = ConvSE3(FIBER_IN, Fiber({0: 2, 1: 3, 2: 1}), Fiber({0: 2}), fuse_level="EDGE_FRAME").double()
     plan, W = layer._frame_plans[0], layer.radial[0].last.weight.detach()
     G = torch.randn_like(W)
+    made = plan._block_sparse
     assert torch.allclose((plan.apply(W) * G).sum(), (W * plan.adjoint(G)).sum(), atol=1e-10, rtol=0)
     assert torch.allclose(plan.apply(2 * W + G), 2 * plan.apply(W) + plan.apply(G), atol=1e-12)
     # the kernel's block-by-block map and adjoint against these all-at-once references (the adjoint in one piece
@@ -356,6 +375,26 @@ def test_slot_weights_map_is_linear_with_its_adjoint_and_never_stored(monkeypatc
             assert torch.allclose(plan.block_weights(W, spec.row), mapped[block_rows], atol=1e-14, rtol=0)
             plan.add_block_adjoint(blockwise, G[block_rows], spec.row)
         assert torch.allclose(blockwise, plan.adjoint(G), atol=1e-12, rtol=0)
+    # which form ran: the sparse maps exist (one per direction) exactly when switched on
+    assert sorted(k[2] for k in made if made[k] is not None) == ([False, True] if sparse else [])
+    if sparse:  # float32 alike, and autograd recording takes the differentiable form
+        W32, G32 = W.float(), G.float()
+        spec = plan.specs[1]
+        block_rows = rows[spec.row:spec.row + spec.c_out * spec.k_in]
+        assert torch.allclose(plan.block_weights(W32, spec.row), plan.apply(W32)[block_rows], atol=1e-6, rtol=0)
+        out = torch.ones_like(W32)
+        plan.add_block_adjoint(out, G32[block_rows], spec.row)
+        only = torch.zeros_like(G32)
+        only[block_rows] = G32[block_rows]
+        assert torch.allclose(out, 1 + plan.adjoint(only), atol=1e-5, rtol=0)  # added, in place
+        assert (torch.float32, W.device, False) in made
+        Wg = W.clone().requires_grad_(True)
+        assert plan._sparse_maps(Wg, adjoint=False) is None and plan._sparse_maps(W.half(), adjoint=False) is None
+        with torch.no_grad():
+            assert plan._sparse_maps(Wg, adjoint=False) is not None
+        plan.block_weights(Wg, spec.row).pow(2).sum().backward()
+        assert torch.allclose(Wg.grad, plan.adjoint(torch.zeros_like(W).index_copy(
+            0, block_rows, 2 * mapped[block_rows])), atol=1e-12, rtol=0)
     pos, ei, x, e = _conv_inputs(Fiber({0: 2}))
     saved = []
 

@@ -638,6 +638,32 @@ def test_cached_kernel_weights_are_laid_out_once_until_the_weights_change(level,
     assert len(fused._weight_layouts) == 0
 
 
+def test_cached_kernel_weights_keep_each_layout_kind_calls_ask_for(monkeypatch):
+    """Calls on few edges read their weights' rows, larger ones contiguous and outer-order layouts
+    (``LAYOUT_COPY_MIN_EDGES``): inside ``cached_kernel_weights`` each kind is kept under its own key, and each call
+    equals the same call outside it bitwise, whichever kind was kept first."""
+    from se3t import cached_kernel_weights
+    from se3t.nn import fused
+    monkeypatch.setattr(fused, "ONE_ROW_OUTER_MIN_RATIO", 0)
+    layer = ConvSE3(FIBER_IN, Fiber({0: 3, 1: 2}), FIBER_EDGE, fuse_level=FuseLevel.EDGE_FRAME).double()
+    pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=12)
+    fn = _conv_fn(layer, ei, 2)
+    few, many = ei.shape[1] + 1, 0  # thresholds that make this graph's calls "few" or "many" edges
+    ref = {}
+    with torch.no_grad():
+        for bound in (few, many):
+            monkeypatch.setattr(fused, "LAYOUT_COPY_MIN_EDGES", bound)
+            ref[bound] = fn(x, pos, e)
+        with cached_kernel_weights(layer):
+            for bound in (few, many, few, many):
+                monkeypatch.setattr(fused, "LAYOUT_COPY_MIN_EDGES", bound)
+                out = fn(x, pos, e)
+                assert all(torch.equal(out[d], ref[bound][d]) for d in out)
+            (_, kept), = fused._weight_layouts.values()
+            assert {key[1] for key in kept} == {"rows", True, False}
+            assert all(not kept[key].is_contiguous() for key in kept if key[1] == "rows")
+
+
 def test_cached_kernel_weights_only_for_the_modules_given():
     """``cached_kernel_weights(a)`` keeps layouts of ``a``'s convs only; leaving a nested block keeps what an
     enclosing one covers; leaving the last frees everything."""
@@ -1001,8 +1027,9 @@ def test_one_row_outer_order_is_chosen_for_wide_blocks_and_equals_r_order(level,
     from se3t.nn import fused
     chosen = []
     use_outer = fused._use_outer
-    monkeypatch.setattr(fused, "_use_outer", lambda b, H: chosen.append((b.K, b.c_out, H, use_outer(b, H)))
-                        or use_outer(b, H))
+    monkeypatch.setattr(fused, "_use_outer", lambda b, H, E: chosen.append((b.K, b.c_out, H, use_outer(b, H, E)))
+                        or use_outer(b, H, E))
+    monkeypatch.setattr(fused, "LAYOUT_COPY_MIN_EDGES", 0)  # (on few edges no block takes the outer order)
     layer = ConvSE3(FIBER_IN, Fiber({0: 17, 1: 2}), FIBER_EDGE, self_interaction=True, fuse_level=level,
                     radial_hidden=8).double()
     pos, ei, x, e = _edge_inputs(torch.float64, num_nodes=14)

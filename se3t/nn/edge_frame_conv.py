@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +29,23 @@ __all__ = ["EdgeFramePlan"]
 
 #: :meth:`EdgeFramePlan.add_block_adjoint` maps a group of pairs in at most this many pieces.
 ADJOINT_PIECES = 4
+
+#: On CPU, in float32 and float64, a block's weights and their gradient's adjoint are mapped as one sparse matrix
+#: product each (:meth:`EdgeFramePlan._sparse_maps`: one pass over ``W``, no gathered copies) instead of a gather,
+#: a ``bmm`` per group of pairs and a scatter. ``False``: always the latter (the reference; tests compare).
+SPARSE_MAPS = True
+_SPARSE_DTYPES = (torch.float32, torch.float64)
+
+
+def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix from its distinct entries, with int32 indices (MKL's sparse product takes int32: int64
+    indices would be converted in every call)."""
+    order = torch.argsort(rows * shape[1] + cols)
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state" (torch 2.13)
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow.int(), cols[order].int(), values[order], shape, check_invariants=False)
 
 
 def _slot_index(m: int, slot: int) -> int:
@@ -104,6 +122,14 @@ class EdgeFramePlan:
         self._build_block_maps(start)
         self._coefficients: Dict[Tuple[torch.dtype, torch.device], Tuple[List[Tensor], Tensor]] = {}
         self._block_coefficients: Dict[Tuple[torch.dtype, torch.device], Dict[int, List[Tuple[Tensor, ...]]]] = {}
+        self._block_sparse: Dict[Tuple[torch.dtype, torch.device, bool], Optional[Dict[int, Tensor]]] = {}
+
+    def __getstate__(self) -> dict:
+        """Without the per-dtype caches (made again on first use): sparse tensors cannot be copied or pickled, and
+        a copy of a model (``copy.deepcopy``, ``torch.save``) need not carry them."""
+        state = dict(self.__dict__)
+        state.update(_coefficients={}, _block_coefficients={}, _block_sparse={})
+        return state
 
     def _build_gather_index(self) -> None:
         """Where each output value sits among the blocks' outputs flattened side by side (``[K, c_out]`` per
@@ -186,9 +212,45 @@ class EdgeFramePlan:
                 self._block_coefficients[key] = constants
         return self._block_coefficients[key]
 
+    def _sparse_maps(self, like: Tensor, adjoint: bool) -> Optional[Dict[int, Tensor]]:
+        """Per block (by its first kernel row), its map as a sparse CSR matrix on ``like``'s dtype and device:
+        ``M [n, P]`` (block rows from parameter rows, ``block_weights(W) = M @ W``) or, ``adjoint``, ``M^T [P, n]``
+        (``grad_W += M^T @ grad``, added in place). Each row of ``M`` holds a slot's coefficients ``T[s, f]`` over
+        the pair's frequencies ``f``: at most 7 entries (paper model: 180k per conv, 1.4 MiB with int32 indices,
+        per direction, made on first use). None where sparse products are not used: :data:`SPARSE_MAPS` off, a
+        dtype other than float32/float64, a device other than the CPU, or autograd recording (the gather and
+        ``bmm`` form is differentiable; the reference double backward differentiates it)."""
+        if (not SPARSE_MAPS or like.device.type != "cpu" or like.dtype not in _SPARSE_DTYPES
+                or (like.requires_grad and torch.is_grad_enabled())):
+            return None
+        key = (like.dtype, like.device, adjoint)
+        if key not in self._block_sparse:
+            num_params = self.perm.numel()
+            with torch.inference_mode(False):
+                maps = {}
+                for row, groups in self._block_constants(like.dtype, like.device).items():
+                    entries = []
+                    for T, param_rows, where in groups:  # block row (pair, s, cell) <- rows (pair, f, cell)
+                        n, S, F = T.shape
+                        cell = where.numel() // (n * S)
+                        shape = (n, S, F, cell)
+                        entries.append((where.view(n, S, 1, cell).expand(shape).reshape(-1),
+                                        param_rows.view(n, 1, F, cell).expand(shape).reshape(-1),
+                                        T[..., None].expand(shape).reshape(-1)))
+                    block_rows, cols, values = (torch.cat(e) for e in zip(*entries))
+                    size = sum(where.numel() for _, _, where in groups)
+                    maps[row] = (_csr(cols, block_rows, values, (num_params, size)) if adjoint
+                                 else _csr(block_rows, cols, values, (size, num_params)))
+                self._block_sparse[key] = maps
+        return self._block_sparse[key]
+
     def block_weights(self, W: Tensor, row: int) -> Tensor:
         """The kernel weights of the block starting at kernel row ``row``: ``apply(W)[rows[row:row + n]]``
-        (:class:`se3t.nn.fused.WeightMap`), made from the pairs it reads, ``T[slots] @ W_pair`` each."""
+        (:class:`se3t.nn.fused.WeightMap`), made from the pairs it reads, ``T[slots] @ W_pair`` each (one sparse
+        product on CPU: :meth:`_sparse_maps`)."""
+        sparse = self._sparse_maps(W, adjoint=False)
+        if sparse is not None:
+            return sparse[row] @ W
         groups = self._block_constants(W.dtype, W.device)[row]
         out = W.new_empty(sum(where.numel() for _, _, where in groups), W.shape[1])
         for T, param_rows, where in groups:  # T [n, S, F]; W_pair rows (f, (o, c)) -> slot rows (s, (o, c))
@@ -200,7 +262,12 @@ class EdgeFramePlan:
         """``out += adjoint(G)`` for the ``G`` that is ``grad`` at the rows of the block starting at kernel row
         ``row`` and zero elsewhere: ``T[slots]^T @ grad_pair`` added at each pair's parameter rows, a few pairs at a
         time: a pair's frequencies outnumber its slots (up to 7 against 2), so its mapped gradient is larger than
-        its part of ``grad`` (all pairs' at once: 1.7x the block's gradient in the paper model's largest block)."""
+        its part of ``grad`` (all pairs' at once: 1.7x the block's gradient in the paper model's largest block).
+        On CPU one sparse product added into ``out`` in place (:meth:`_sparse_maps`), when their dtypes agree."""
+        sparse = self._sparse_maps(grad, adjoint=True) if out.dtype == grad.dtype else None
+        if sparse is not None and out.is_contiguous():
+            out.addmm_(sparse[row], grad)
+            return
         for T, param_rows, where in self._block_constants(grad.dtype, grad.device)[row]:
             n, S, F = T.shape
             cell = where.numel() // (n * S)  # rows (o, c) of one slot of one pair

@@ -120,6 +120,14 @@ SKIP_UNUSED_WEIGHT_GRADIENT = True
 #: whole step. 0: never (the reference; tests compare).
 KEEP_LAYOUTS_MAX_EDGES = 256
 
+#: A call on fewer edges uses its blocks' weights as the gather or map makes them, rows ``W_j [C_out*K_in, H]``:
+#: every block in the ``R`` order, reading ``W_j^T`` as their transposed view, instead of copying them into a
+#: contiguous ``W_j^T`` or the outer order's ``W'`` (inside :func:`cached_kernel_weights` too, which keeps each
+#: kind that calls ask for). On few edges the copies cost more than the GEMMs they speed up (2-core Zen 4, fp32,
+#: ``h [37, 32] @ W_j^T``: the same time either way; on 512 edges 1.0-1.3x slower GEMMs). 0: always copy (the
+#: reference; tests compare).
+LAYOUT_COPY_MIN_EDGES = 256
+
 #: A backward with ``create_graph`` (training on forces) returns the fused backward's gradients as a function
 #: whose own gradients are fused calls again (:class:`_FusedConvVJP`). ``False``: the gradients of the kernel's
 #: plain-autograd form instead (:func:`_differentiable_backward`, the reference; tests compare). Paper model,
@@ -204,11 +212,13 @@ def _tiling(chunk: Optional[int], block: BlockSpec, E: int, device: torch.device
     return group, -(-block.c_out // tiles)  # the same channels in fewer, even tiles
 
 
-def _use_outer(block: BlockSpec, hidden: int) -> bool:
+def _use_outer(block: BlockSpec, hidden: int, E: int) -> bool:
     """Whether a block runs in the outer order (:data:`ONE_ROW_OUTER`): one output row and enough output channels
     (measured crossover near ``C_out = H``: the outer order's per-edge ``h ⊗ tmp`` and its gradient scale with
-    ``H * K_in``, ``R`` with ``C_out * K_in``)."""
-    return ONE_ROW_OUTER and block.K == 1 and block.c_out >= ONE_ROW_OUTER_MIN_RATIO * hidden
+    ``H * K_in``, ``R`` with ``C_out * K_in``), unless the call is on few edges (:func:`_few_edges`: its
+    weights would be reordered for them)."""
+    return (ONE_ROW_OUTER and block.K == 1 and block.c_out >= ONE_ROW_OUTER_MIN_RATIO * hidden
+            and not _few_edges(E))
 
 
 def _outer_step(chunk: Optional[int], block: BlockSpec, hidden: int, E: int, device: torch.device,
@@ -511,14 +521,33 @@ def _cached_layouts(W: Tensor, rows: Tensor, blocks: Sequence[BlockSpec], weight
     return entry[1]
 
 
-def _backward_layout(layouts: Optional[Dict[Tuple[int, object], Tensor]], j: int, outer: bool) -> Optional[Tensor]:
+def _few_edges(E: int) -> bool:
+    """Whether a call on ``E`` edges uses its weights as they are made (:data:`LAYOUT_COPY_MIN_EDGES`)."""
+    return E < LAYOUT_COPY_MIN_EDGES
+
+
+def _layout_key(j: int, outer: bool, E: int) -> Tuple[int, object]:
+    """Where block ``j``'s forward layout is kept: ``(j, True)`` the outer order's ``W'``, ``(j, False)`` a
+    contiguous ``W_j^T``, ``(j, "rows")`` on few edges its rows (read transposed), so that kept layouts serve
+    calls of any size as their own layouts would (bitwise the same results)."""
+    return (j, True) if outer else (j, "rows" if _few_edges(E) else False)
+
+
+def _gemm_layout(Wj: Tensor, E: int) -> Tensor:
+    """``W_j^T [H, C_out*K_in]`` from block ``j``'s rows ``W_j [C_out*K_in, H]``, for ``R = h @ W_j^T`` and
+    (transposed back) ``grad_h = gR @ W_j``: contiguous, or on few edges the transposed view (:func:`_few_edges`)."""
+    return Wj.t() if _few_edges(E) else Wj.t().contiguous()
+
+
+def _backward_layout(layouts: Optional[Dict[Tuple[int, object], Tensor]], j: int, outer: bool, E: int
+                     ) -> Optional[Tensor]:
     """Block ``j``'s kept layout as backward reads it (see :func:`_cached_layouts`): the forward's ``W_j^T [H,
-    C_out*K_in]`` itself, or (``outer``) the transpose ``[C_out, H*K_in]`` of its ``W' [(h, i), o]``, made once and
-    kept beside it; None when the forward kept none."""
+    C_out*K_in]`` itself (:func:`_layout_key`), or (``outer``) the transpose ``[C_out, H*K_in]`` of its ``W' [(h,
+    i), o]``, made once and kept beside it; None when the forward kept none."""
     if layouts is None:
         return None
     if not outer:
-        return layouts.get((j, False))
+        return layouts.get(_layout_key(j, outer, E))
     if (j, "backward") not in layouts and (j, True) in layouts:
         layouts[(j, "backward")] = layouts[(j, True)].t().contiguous()
     return layouts.get((j, "backward"))
@@ -686,17 +715,18 @@ def _kernel_forward(call: _Call, layouts: Optional[Dict[Tuple[int, object], Tens
             steps.append(_triton_forward_step(b, j, dims, Wj_t, h, xs, x_index, bases, cast, out, E))
             outs.append(out)
             continue
-        outer = _use_outer(b, H)
+        outer = _use_outer(b, H, E)
         Wj_t = W_outer = None
-        layout = None if layouts is None else layouts.get((j, outer))
+        key = _layout_key(j, outer, E)
+        layout = None if layouts is None else layouts.get(key)
         if layout is None:
             Wj_t = _block_weights(W, rows, b, weight_map, h.dtype).t()
             # outer: W' [(k, i), o] = W_j[(o, i), k]; else [H, C_out*K_in]: R's GEMM reads a column slice
             # (measured on Xeon: ~12 % faster than from the transposed rows)
             layout = (Wj_t.view(H, b.c_out, b.k_in).transpose(1, 2).reshape(H * b.k_in, b.c_out) if outer
-                      else Wj_t.contiguous())
+                      else _gemm_layout(Wj_t.t(), E))
             if layouts is not None:
-                layouts[(j, outer)] = layout
+                layouts[key] = layout
         if outer:  # each step of edges is one group
             group, tile = _outer_step(chunk, b, H, E, h.device, h.dtype), b.c_out
             W_outer = layout
@@ -819,8 +849,8 @@ def _kernel_backward(call: _Call, layouts: Optional[Dict[Tuple[int, object], Ten
             g_all = g_all.contiguous()  # output already are
         parts_in = [p for p in b.parts
                     if grad_x[p.x] is not None or bt_grad(p) is not None or grad_sh is not None]
-        outer = _use_outer(b, H) and not triton
-        kept = _backward_layout(layouts, j, outer)
+        outer = _use_outer(b, H, E) and not triton
+        kept = _backward_layout(layouts, j, outer, E)
         Wj = None if kept is not None else _block_weights(W_param, rows, b, weight_map, h.dtype)
         dims = [xs[p.x].shape[2] for p in b.parts]
         # column of each part in the block's projection (harmonics only)
@@ -837,7 +867,7 @@ def _kernel_backward(call: _Call, layouts: Optional[Dict[Tuple[int, object], Ten
         else:
             group, tile = _tiling(chunk, b, E, h.device, h.dtype, blockwise)
             # R = h @ W_j^T as in forward, and grad_h's GEMM (transposed)
-            Wj_t = kept if kept is not None else Wj.t().contiguous()
+            Wj_t = kept if kept is not None else _gemm_layout(Wj, E)
         # (made in the layouts above: the rows themselves are not needed again)
         Wj_shape, Wj, kept = (b.c_out * b.k_in, H), None, None
 

@@ -18,6 +18,8 @@ def test_parse_variant_reads_flags_and_rejects_what_cannot_run():
     assert parse_variant("forces+level=full") == Variant("forces+level=full", forces=True, level="FULL")
     assert parse_variant("ftrain+low") == Variant("ftrain+low", force_training=True, low_memory=True)
     assert parse_variant("forces+nokeep") == Variant("forces+nokeep", forces=True, no_kept_layouts=True)
+    assert parse_variant("infer+densemaps+copies") == Variant("infer+densemaps+copies", infer=True, dense_maps=True,
+                                                              layout_copies=True)
     assert parse_variant("ftrain+unchunked") == Variant("ftrain+unchunked", force_training=True, unchunked=True,
                                                         reference_double=True)
     assert parse_variant("ftrain+refdouble") == Variant("ftrain+refdouble", force_training=True,
@@ -68,13 +70,13 @@ def test_ratio_summary_takes_per_round_ratios_and_a_seeded_interval():
 
 def test_paired_run_writes_json_and_markdown(tmp_path, capsys):
     result = main(["--model", "tiny", "--batch-size", "3", "--num-batches", "2", "--rounds", "2",
-                   "--variants", "default,low+oib+seg=1,infer,infer+cache,forces,forces+wgrad,ftrain+level=full+nokeep",
-                   "--out",
-                   str(tmp_path), "--name", "t"])
+                   "--variants", "default,low+oib+seg=1,infer,infer+cache,forces,forces+wgrad,ftrain+level=full+nokeep,"
+                   "infer+densemaps+copies", "--out", str(tmp_path), "--name", "t"])
     saved = json.loads((tmp_path / "t.json").read_text())
     assert [v["name"] for v in saved["variants"]] == ["default", "low+oib+seg=1", "infer", "infer+cache", "forces",
-                                                      "forces+wgrad", "ftrain+level=full+nokeep"]
-    base, low, infer, cached, forces, wgrad, ftrain = saved["variants"]
+                                                      "forces+wgrad", "ftrain+level=full+nokeep",
+                                                      "infer+densemaps+copies"]
+    base, low, infer, cached, forces, wgrad, ftrain, reference_maps = saved["variants"]
     assert base["ratio"]["median"] == 1.0 and base["live_peak_ratio"] == 1.0
     for v in saved["variants"]:
         assert len(v["seconds"]) == 2 and all(t > 0 for t in v["seconds"]) and v["live_peak_bytes"] > 0
@@ -91,10 +93,13 @@ def test_paired_run_writes_json_and_markdown(tmp_path, capsys):
     assert forces["variant"]["forces"] and wgrad["variant"]["weight_gradient"]
     from se3t.nn import fused as fused_module
     assert fused_module.SKIP_UNUSED_WEIGHT_GRADIENT  # restored after the 'wgrad' steps
-    assert fused_module.KEEP_LAYOUTS_MAX_EDGES > 0 and saved["variants"][-1]["variant"]["no_kept_layouts"]
+    assert fused_module.KEEP_LAYOUTS_MAX_EDGES > 0 and ftrain["variant"]["no_kept_layouts"]
+    from se3t.nn import edge_frame_conv
+    assert edge_frame_conv.SPARSE_MAPS and fused_module.LAYOUT_COPY_MIN_EDGES > 0  # restored after their steps
+    assert reference_maps["variant"]["dense_maps"] and reference_maps["variant"]["layout_copies"]
     # a loss on forces keeps the first backward's graph for the second: more than a plain training step
     assert ftrain["variant"]["level"] == "FULL" and ftrain["live_peak_bytes"] > base["live_peak_bytes"]
-    assert text.count("\n| `") == 7 and "| `low+oib+seg=1` |" in text
+    assert text.count("\n| `") == 8 and "| `low+oib+seg=1` |" in text
     assert result["variants"][3]["name"] == "infer+cache"
 
 
