@@ -216,8 +216,8 @@ class EdgeFramePlan:
         """Per block (by its first kernel row), its map as a sparse CSR matrix on ``like``'s dtype and device:
         ``M [n, P]`` (block rows from parameter rows, ``block_weights(W) = M @ W``) or, ``adjoint``, ``M^T [P, n]``
         (``grad_W += M^T @ grad``, added in place). Each row of ``M`` holds a slot's coefficients ``T[s, f]`` over
-        the pair's frequencies ``f``: at most 7 entries (paper model: 180k per conv, 1.4 MiB with int32 indices,
-        per direction, made on first use). None where sparse products are not used: :data:`SPARSE_MAPS` off, a
+        the pair's frequencies ``f``: at most 7 entries (paper model, all convs: 9.5 MiB of maps, 12.6 MiB of
+        adjoints with int32 indices, made on first use). None where sparse products are not used: :data:`SPARSE_MAPS` off, a
         dtype other than float32/float64, a device other than the CPU, or autograd recording (the gather and
         ``bmm`` form is differentiable; the reference double backward differentiates it)."""
         if (not SPARSE_MAPS or like.device.type != "cpu" or like.dtype not in _SPARSE_DTYPES
