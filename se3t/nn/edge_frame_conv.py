@@ -122,7 +122,7 @@ class EdgeFramePlan:
         self._build_block_maps(start)
         self._coefficients: Dict[Tuple[torch.dtype, torch.device], Tuple[List[Tensor], Tensor]] = {}
         self._block_coefficients: Dict[Tuple[torch.dtype, torch.device], Dict[int, List[Tuple[Tensor, ...]]]] = {}
-        self._block_sparse: Dict[Tuple[torch.dtype, torch.device, bool], Optional[Dict[int, Tensor]]] = {}
+        self._block_sparse: Dict[Tuple[torch.dtype, torch.device, bool], Dict[int, Tensor]] = {}
 
     def __getstate__(self) -> dict:
         """Without the per-dtype caches (made again on first use): sparse tensors cannot be copied or pickled, and
@@ -217,9 +217,10 @@ class EdgeFramePlan:
         ``M [n, P]`` (block rows from parameter rows, ``block_weights(W) = M @ W``) or, ``adjoint``, ``M^T [P, n]``
         (``grad_W += M^T @ grad``, added in place). Each row of ``M`` holds a slot's coefficients ``T[s, f]`` over
         the pair's frequencies ``f``: at most 7 entries (paper model, all convs: 9.5 MiB of maps, 12.6 MiB of
-        adjoints with int32 indices, made on first use). None where sparse products are not used: :data:`SPARSE_MAPS` off, a
-        dtype other than float32/float64, a device other than the CPU, or autograd recording (the gather and
-        ``bmm`` form is differentiable; the reference double backward differentiates it)."""
+        adjoints with int32 indices, made on first use). None where sparse products are not used:
+        :data:`SPARSE_MAPS` off, a dtype other than float32/float64, a device other than the CPU, or autograd
+        recording (the gather and ``bmm`` form is differentiable; the reference double backward differentiates
+        it)."""
         if (not SPARSE_MAPS or like.device.type != "cpu" or like.dtype not in _SPARSE_DTYPES
                 or (like.requires_grad and torch.is_grad_enabled())):
             return None
