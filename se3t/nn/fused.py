@@ -456,7 +456,8 @@ def cached_kernel_weights(*modules: torch.nn.Module) -> Iterator[None]:
 
     Laying them out reads and writes all of a conv's weights several times per call, whatever the batch (paper
     model, 2-core Zen 4, inference steps interleaved in one process, ``python -m benchmarks.paired --variants
-    infer,infer+cache``: 40 -> 30 ms per call at batch 1, 192 -> 137 ms at batch 10, 3 % less at batch 100).
+    infer,infer+cache``: 40 -> 30 and 50 -> 43 ms per call at batch 1 in two runs, 192 -> 137 ms at batch 10, 3 %
+    less at batch 100).
     While held they are one more copy of the convs' weights (35 MiB for the paper model).
 
     Kept layouts are used only while the parameter is the same tensor with the same storage, version counter,
