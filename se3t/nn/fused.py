@@ -116,7 +116,9 @@ SKIP_UNUSED_WEIGHT_GRADIENT = True
 #: process (``python -m benchmarks.paired --variants nokeep,default`` and ``forces+nokeep,forces``): one molecule
 #: (36 edges) 0.91x the training step (live peak 53.7 -> 56.8 MiB) and 0.88x the forces call (9.9 -> 40.9 MiB:
 #: the weights, 31 MiB over all convs, held through it); ten molecules (356 edges) only 0.98x and 0.94x for
-#: +14 and +32 MiB, hence the bound. Not in blockwise (low-memory) runs, whose checkpoints would hold them for the
+#: +14 and +32 MiB, hence the bound. Since calls on few edges no longer copy their layouts
+#: (:data:`LAYOUT_COPY_MIN_EDGES`) keeping them gains less: one molecule, 0.966x the forces call (9.7 -> 38.2 MiB)
+#: and 0.978x the training step. Not in blockwise (low-memory) runs, whose checkpoints would hold them for the
 #: whole step. 0: never (the reference; tests compare).
 KEEP_LAYOUTS_MAX_EDGES = 256
 
