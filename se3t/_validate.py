@@ -67,8 +67,10 @@ def raise_failed_checks(checks: List[Tuple[Tensor, str]], flags: Tensor) -> None
         raise ValueError(failed[0] + (f" (and {len(failed) - 1} more failed checks)" if len(failed) > 1 else ""))
 
 
-def check_features(features: Mapping[int, Tensor], fiber: Fiber, num_rows: Optional[int], name: str) -> None:
-    """``features`` must hold every degree of ``fiber`` as ``[num_rows, C_d, 2d+1]`` floating tensors."""
+def check_features(features: Mapping[int, Tensor], fiber: Fiber, num_rows: Optional[int], name: str,
+                   rows_of: str = "") -> None:
+    """``features`` must hold every degree of ``fiber`` as ``[num_rows, C_d, 2d+1]`` floating tensors; ``rows_of``
+    says where ``num_rows`` comes from (the error quotes it)."""
     if not isinstance(features, Mapping):
         raise TypeError(f"{name} must be a dict {{degree: Tensor}}, got {type(features).__name__}")
     for degree, channels in fiber:
@@ -83,8 +85,9 @@ def check_features(features: Mapping[int, Tensor], fiber: Fiber, num_rows: Optio
             raise TypeError(f"{name}[{degree}] must be floating point, got {t.dtype}")
         expected = (num_rows if num_rows is not None else t.shape[0], channels, degree_to_dim(degree))
         if t.dim() != 3 or tuple(t.shape) != expected:
+            rows = f"; {num_rows} rows: {rows_of}" if rows_of and num_rows is not None else ""
             raise ValueError(f"{name}[{degree}] must have shape [{expected[0]}, {channels}, {expected[2]}] "
-                             f"(rows, channels, 2d+1) for fiber {fiber}, got {list(t.shape)}")
+                             f"(rows, channels, 2d+1) for fiber {fiber}{rows}, got {list(t.shape)}")
 
 
 def check_input_dtypes(param_dtype: torch.dtype, inputs: Mapping[str, Tensor]) -> None:

@@ -217,11 +217,11 @@ class SE3Transformer(nn.Module):
                 num_graphs: Optional[int] = None):
         check_pos(pos)
         N = pos.shape[0]
-        check_features(node_feats, self.fiber_in, N, "node_feats")
+        check_features(node_feats, self.fiber_in, N, "node_feats", "one per point of pos")
         check_edge_index(edge_index, N)
         E = edge_index.shape[1]
         edge_feats = dict(edge_feats) if edge_feats else {}
-        check_features(edge_feats, self.fiber_edge, E, "edge_feats")
+        check_features(edge_feats, self.fiber_edge, E, "edge_feats", "one per edge of edge_index")
         param = next(self.parameters(), None)
         if param is not None:
             check_input_dtypes(param.dtype, {"pos": pos, **{f"node_feats[{d}]": t for d, t in node_feats.items()},

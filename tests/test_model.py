@@ -359,7 +359,8 @@ def test_precomputed_basis_is_used_and_checked():
     ("index_dtype", TypeError, "edge_index must be int64"),
     ("index_range", ValueError, r"edge_index values must lie in \[0, 12\)"),
     ("index_shape", ValueError, r"edge_index must have shape \[2, E\]"),
-    ("edge_rows", ValueError, r"edge_feats\[0\] must have shape"),
+    ("edge_rows", ValueError, r"edge_feats\[0\] must have shape .*rows: one per edge of edge_index"),
+    ("pos_rows", ValueError, r"node_feats\[0\] must have shape \[11, .*11 rows: one per point of pos, got \[12,"),
     ("int_feats", TypeError, "floating point"),
     ("pos_dtype", TypeError, "pos is torch.float32 but the model's parameters are torch.float64"),
     ("feats_dtype", TypeError, r"node_feats\[1\] is torch.float32 but the model's parameters are torch.float64"),
@@ -370,6 +371,8 @@ def test_bad_input_errors(case, error, match):
     x, ei, pos, e, _ = make_inputs()
     if case == "pos_shape":
         pos = pos[:, :2]
+    elif case == "pos_rows":
+        pos = pos[:-1]
     elif case == "pos_nan":
         pos = pos.clone()
         pos[3, 1] = float("nan")
